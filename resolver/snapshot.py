@@ -1,0 +1,127 @@
+"""Immutable snapshot of one graph version with memoized resolution.
+
+Resolution is a pure function of (snapshot, env, service). The first look-up of a pair walks
+the chain once and stores a Route; every later look-up is two dictionary gets. Building a
+snapshot therefore costs only validation, even for 10,000 envs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from .errors import NoProvider, UnknownEnv
+from .layered_config import explain_config, route_settings
+from .model import Endpoint, Graph
+
+
+class Route:
+    """Where requests in `env` for `service` go, plus their route settings (from env's chain)."""
+
+    __slots__ = (
+        "env", "service", "kind", "provider_env", "endpoints", "version", "header",
+        "timeout_s", "idle_timeout_s", "retries", "chain",
+    )
+
+    def __init__(self, env: str, service: str, kind: str, provider_env: str | None,
+                 endpoints: tuple[Endpoint, ...], version: int, settings: dict,
+                 chain: tuple[str, ...]) -> None:
+        self.env, self.service, self.kind = env, service, kind
+        self.provider_env, self.endpoints, self.version = provider_env, endpoints, version
+        self.chain = chain
+        where = "shared" if kind == "shared" else f"{kind}:{provider_env}"
+        self.header = f"{service}={where}@v{version}".encode()  # x-stax-route entry
+        self.timeout_s = settings["timeout_ms"] / 1000
+        self.idle_timeout_s = settings["idle_timeout_ms"] / 1000
+        self.retries = settings["retries"]
+
+    def __repr__(self) -> str:
+        return f"<Route {self.header.decode()} env={self.env} endpoints={len(self.endpoints)}>"
+
+
+class Snapshot:
+    def __init__(self, graph: Graph, *, source: str = "") -> None:
+        self.graph = graph
+        self.version = graph.version
+        self.source = source
+        self.created = time.time()
+        self._routes: dict[str, dict[str, Route]] = {}
+        self._chains: dict[str, tuple[str, ...]] = {}
+        self._config: dict[str, dict[str, tuple[Any, str]]] = {}
+
+    def __repr__(self) -> str:
+        cached = sum(len(r) for r in self._routes.values())
+        return f"<Snapshot v{self.version} envs={len(self.graph.envs)} cached_routes={cached} source={self.source}>"
+
+    # -- the hot path ------------------------------------------------------------------------
+    def resolve(self, env: str, service: str) -> Route:
+        try:
+            return self._routes[env][service]
+        except KeyError:
+            return self._resolve_slow(env, service)
+
+    # -- memoized slow path ------------------------------------------------------------------
+    def chain(self, env: str) -> tuple[str, ...]:
+        """env, parent(env), ..., baseline. Raises UnknownEnv."""
+        chain = self._chains.get(env)
+        if chain is None:
+            envs = self.graph.envs
+            if env not in envs:
+                raise UnknownEnv(f"unknown env {env!r} (graph v{self.version})")
+            names, node = [], env
+            while node is not None:  # validated: reaches the baseline, no cycles
+                names.append(node)
+                node = envs[node].parent
+            chain = self._chains[env] = tuple(names)
+        return chain
+
+    def config(self, env: str) -> dict[str, tuple[Any, str]]:
+        cfg = self._config.get(env)
+        if cfg is None:
+            cfg = self._config[env] = explain_config(self.graph, self.chain(env))
+        return cfg
+
+    def _resolve_slow(self, env: str, service: str) -> Route:
+        chain = self.chain(env)
+        settings = route_settings(self.config(env), service)
+        graph = self.graph
+        if service in graph.shared:
+            route = Route(env, service, "shared", None, graph.shared[service].endpoints,
+                          self.version, settings, ())
+        else:
+            for depth, name in enumerate(chain):
+                overlay = graph.envs[name].services.get(service)
+                if overlay is not None:
+                    kind = "local" if depth == 0 else ("baseline" if name == graph.baseline else "ancestor")
+                    route = Route(env, service, kind, name, overlay.endpoints, self.version,
+                                  settings, chain[: depth + 1])
+                    break
+            else:
+                if service not in graph.services:
+                    raise NoProvider(f"no provider for service {service!r}: not a service in graph v{self.version}")
+                raise NoProvider(
+                    f"no provider for service {service!r} in env {env!r}: searched {' -> '.join(chain)}"
+                )
+        self._routes.setdefault(env, {})[service] = route
+        return route
+
+    # -- explanations (CLI, /debug/resolve) --------------------------------------------------
+    def explain(self, env: str, service: str) -> dict:
+        """The `stax resolve --json` shape. Raises UnknownEnv / NoProvider."""
+        route = self.resolve(env, service)
+        steps = []
+        for name in route.chain:
+            provides = name == route.provider_env
+            why = (f"{name} overlays {service}" if provides
+                   else f"{name} has no overlay of {service}; look in its parent")
+            steps.append({"env": name, "provides": provides, "why": why})
+        return {
+            "env": env,
+            "service": service,
+            "kind": route.kind,
+            "provider_env": route.provider_env,
+            "endpoints": [str(e) for e in route.endpoints],
+            "graph_version": self.version,
+            "chain": steps,
+            "route": route.header.decode(),
+        }
