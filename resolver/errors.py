@@ -45,6 +45,10 @@ class MethodNotAllowed(StaxError):
     status, code = 405, "method_not_allowed"
 
 
+class MisdirectedRequest(StaxError):
+    status, code = 421, "misdirected"
+
+
 class RequestTimeout(StaxError):
     status, code = 408, "request_timeout"
 

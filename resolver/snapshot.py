@@ -20,7 +20,7 @@ class Route:
 
     __slots__ = (
         "env", "service", "kind", "provider_env", "endpoints", "version", "header",
-        "timeout_s", "idle_timeout_s", "retries", "chain",
+        "timeout_s", "idle_timeout_s", "retries", "chain", "picks", "rr", "stats",
     )
 
     def __init__(self, env: str, service: str, kind: str, provider_env: str | None,
@@ -34,6 +34,12 @@ class Route:
         self.timeout_s = settings["timeout_ms"] / 1000
         self.idle_timeout_s = settings["idle_timeout_ms"] / 1000
         self.retries = settings["retries"]
+        # Weighted round-robin as a flat sequence; the proxy's per-route cursor and metrics
+        # cell live here too (mutable, but only ever touched by the proxy's one event loop).
+        picks = tuple(e for e in endpoints for _ in range(e.weight))
+        self.picks = picks if len(picks) <= 10000 else endpoints
+        self.rr = 0
+        self.stats = None
 
     def __repr__(self) -> str:
         return f"<Route {self.header.decode()} env={self.env} endpoints={len(self.endpoints)}>"

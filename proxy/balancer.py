@@ -1,0 +1,131 @@
+"""Endpoint choice: weighted round-robin over a provider's endpoints, skipping ejected ones
+(passive outlier ejection) and, on a retry, the endpoints already tried."""
+
+from __future__ import annotations
+
+import time
+
+from resolver.errors import NoHealthyEndpoint
+
+
+class _State:
+    __slots__ = ("failures", "ejections", "until", "service")
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.ejections = 0
+        self.until = 0.0
+        self.service = ""
+
+
+class EndpointHealth:
+    def __init__(self, *, consecutive_failures: int = 5, base_ejection_s: float = 30.0,
+                 max_ejected_ratio: float = 0.5) -> None:
+        self.consecutive = consecutive_failures
+        self.base = base_ejection_s
+        self.max_ratio = max_ejected_ratio
+        self._state: dict[str, _State] = {}
+        self._ejected: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"<EndpointHealth tracked={len(self._state)} ejected={len(self._ejected)}>"
+
+    def pick(self, route, tried: list):
+        picks = route.picks
+        n = len(picks)
+        i = route.rr
+        route.rr = i + 1
+        if not self._ejected and not tried:  # the common case: one dict-free step
+            return picks[i % n]
+        now = time.monotonic()
+        fallback = None
+        for k in range(n):
+            ep = picks[(i + k) % n]
+            if ep.address in self._ejected and not self._readmit(ep.address, now):
+                continue
+            if ep in tried:
+                fallback = fallback or ep
+                continue
+            return ep
+        if fallback is not None:
+            return fallback
+        raise NoHealthyEndpoint(f"every endpoint of {route.service} ({route.kind}:{route.provider_env}) is ejected")
+
+    def _readmit(self, address: str, now: float) -> bool:
+        st = self._state[address]
+        if st.until <= now:
+            self._ejected.discard(address)
+            st.failures = 0
+            return True
+        return False
+
+    def success(self, ep) -> None:
+        if self._state:
+            st = self._state.get(ep.address)
+            if st is not None:
+                st.failures = 0
+
+    def failure(self, ep, route) -> None:
+        if ep is None:
+            return
+        st = self._state.get(ep.address)
+        if st is None:
+            st = self._state[ep.address] = _State()
+        st.failures += 1
+        if st.failures < self.consecutive or ep.address in self._ejected:
+            return
+        endpoints = route.endpoints
+        ejected_here = sum(1 for e in endpoints if e.address in self._ejected)
+        if ejected_here + 1 > int(len(endpoints) * self.max_ratio) or ejected_here + 1 >= len(endpoints):
+            return  # never more than half a provider, never its last endpoint
+        st.ejections += 1
+        st.until = time.monotonic() + self.base * st.ejections
+        st.service = route.service
+        st.failures = 0
+        self._ejected.add(ep.address)
+
+    def ejected_by_service(self) -> dict[str, int]:
+        now = time.monotonic()
+        out: dict[str, int] = {}
+        for address in list(self._ejected):
+            st = self._state[address]
+            if st.until <= now:
+                continue
+            out[st.service] = out.get(st.service, 0) + 1
+        return out
+
+
+class RetryBudget:
+    """Retries may add at most `ratio` extra requests per service over a sliding `window`,
+    so retries cannot amplify an outage. A floor lets a quiet service retry at all."""
+
+    def __init__(self, *, ratio: float = 0.2, window_s: float = 10.0, min_retries: int = 3) -> None:
+        self.ratio = ratio
+        self.window = window_s
+        self.min_retries = min_retries
+        self._cells: dict[str, list] = {}  # service -> [bucket_start, req, retries, prev_req, prev_retries]
+        self.exhausted_total = 0
+
+    def _cell(self, service: str, now: float) -> list:
+        cell = self._cells.get(service)
+        if cell is None:
+            cell = self._cells[service] = [now, 0, 0, 0, 0]
+        elif now - cell[0] >= self.window:
+            fresh = now - cell[0] < 2 * self.window
+            cell[:] = [now, 0, 0, cell[1] if fresh else 0, cell[2] if fresh else 0]
+        return cell
+
+    def note_request(self, service: str) -> None:
+        self._cell(service, time.monotonic())[1] += 1
+
+    def allow_retry(self, service: str) -> bool:
+        now = time.monotonic()
+        cell = self._cell(service, now)
+        weight = 1 - (now - cell[0]) / self.window  # fraction of the previous bucket still in the window
+        requests = cell[1] + cell[3] * weight
+        retries = cell[2] + cell[4] * weight
+        if retries + 1 > max(self.min_retries, requests * self.ratio):
+            self.exhausted_total += 1
+            return False
+        cell[2] += 1
+        return True

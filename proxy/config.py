@@ -1,0 +1,195 @@
+"""One typed config for a proxy process, parsed once from flags, `STAX_*` environment and an
+optional YAML file (precedence: flag > environment > file > default). Nothing else reads
+os.environ; tests build ProxyConfig directly."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field, fields
+
+
+@dataclass
+class ProxyConfig:
+    mode: str = "gateway"  # gateway | sidecar
+    graph: str | None = None
+    redis: str | None = None
+    redis_prefix: str = "stax:"
+    graph_cache: str | None = None
+    regression_hold: float = 30.0
+    listen: str = "0.0.0.0:8080"
+    admin: str = "127.0.0.1:9901"
+    # gateway
+    default_env: str | None = None
+    env_host_suffix: str | None = None
+    route_prefix: list[str] = field(default_factory=list)  # "/p=svc"
+    context_policy: str = "open"
+    trusted_proxies: list[str] = field(default_factory=list)
+    # sidecar
+    env: str | None = None
+    service: str | None = None
+    app: str | None = None
+    egress: str = "127.0.0.1:15001"
+    # limits and timeouts
+    max_hops: int = 32
+    max_head_bytes: int = 32 * 1024
+    max_header_count: int = 100
+    max_baggage_bytes: int = 8192
+    max_baggage_members: int = 64
+    max_inflight: int = 10000
+    header_timeout: float = 10.0
+    keepalive_timeout: float = 75.0
+    drain_timeout: float = 20.0
+    connect_timeout: float = 5.0
+    pool_max_idle: int = 128
+    pool_idle_timeout: float = 60.0
+    upstream_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    log_level: str = "info"
+    access_log: bool = False
+
+    def host_port(self, which: str) -> tuple[str, int]:
+        return split_host_port(getattr(self, which))
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return (host.strip("[]") or "0.0.0.0"), int(port)
+
+
+_HELP = {
+    "graph": "graph file (YAML/JSON), reloaded on change",
+    "redis": "Redis URL of the graph store (redis://, rediss://, redis+sentinel://h:p,h:p/master/db)",
+    "redis_prefix": "key prefix of the graph in Redis",
+    "graph_cache": "file that keeps the last good graph, served when Redis is down at start",
+    "regression_hold": "seconds a lower store version (same epoch) is held before it is adopted",
+    "listen": "HOST:PORT of the proxy listener (sidecar: ingress)",
+    "admin": "HOST:PORT of the admin port (/healthz /readyz /metrics /debug/*)",
+    "default_env": "env of a request with no context (default: the graph's baseline)",
+    "env_host_suffix": "read the env from Host: <service>.<env>.<suffix>",
+    "route_prefix": "PATH=SERVICE; route by path prefix (repeatable; longest match wins)",
+    "context_policy": "which env context the edge honours",
+    "trusted_proxies": "peer IPs whose X-Forwarded-* headers are kept (comma-separated)",
+    "env": "sidecar: this instance's env (and the env of requests with no context)",
+    "service": "sidecar: the service this sidecar fronts",
+    "app": "sidecar: HOST:PORT of the local app",
+    "egress": "sidecar: HOST:PORT for the app's outbound calls",
+    "max_hops": "stax hops before 508 loop_detected",
+    "max_head_bytes": "largest request head (431 beyond)",
+    "max_header_count": "most header fields (431 beyond)",
+    "max_baggage_bytes": "largest baggage header (431 beyond)",
+    "max_baggage_members": "most baggage members (431 beyond)",
+    "max_inflight": "in-flight requests before 503 overloaded",
+    "header_timeout": "seconds to receive a request head (408 beyond)",
+    "keepalive_timeout": "seconds an idle client connection is kept",
+    "drain_timeout": "seconds in-flight requests get after SIGTERM",
+    "connect_timeout": "seconds to connect to an upstream",
+    "pool_max_idle": "idle keep-alive connections kept per endpoint",
+    "pool_idle_timeout": "seconds an idle upstream connection is kept",
+    "upstream_ca": "CA bundle for https:// endpoints (default: system trust store)",
+    "tls_cert": "gateway: certificate for edge TLS",
+    "tls_key": "gateway: private key for edge TLS",
+    "log_level": "debug | info | warning | error",
+    "access_log": "log one JSON line per request (off: it costs on the hot path)",
+}
+
+_GATEWAY_ONLY = {"default_env", "env_host_suffix", "route_prefix", "context_policy",
+                 "trusted_proxies", "tls_cert", "tls_key"}
+_SIDECAR_ONLY = {"env", "service", "app", "egress"}
+
+
+def add_proxy_args(parser: argparse.ArgumentParser, mode: str) -> None:
+    defaults = ProxyConfig()
+    for f in fields(ProxyConfig):
+        if f.name == "mode" or (mode == "sidecar" and f.name in _GATEWAY_ONLY) or (
+                mode == "gateway" and f.name in _SIDECAR_ONLY):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        shown = f" (default: {default})" if default not in (None, [], "") else ""
+        env = "STAX_" + f.name.upper()
+        help_text = f"{_HELP.get(f.name, '')}{shown} [env {env}]"
+        if f.name == "listen" and mode == "sidecar":
+            default = "0.0.0.0:15000"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(flag, action="append", default=None, help=help_text)
+        elif f.name == "context_policy":
+            parser.add_argument(flag, choices=["open"], default=None, help=help_text)
+        else:
+            typ = type(default) if default is not None else str
+            parser.add_argument(flag, type=typ, default=None, help=help_text)
+    parser.add_argument("--config", help="YAML file of settings (keys as flags, with _ or -)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="parse and validate the configuration (and graph file), then exit")
+
+
+def config_from_args(args: argparse.Namespace, mode: str, environ: dict | None = None) -> ProxyConfig:
+    """flag > STAX_* environment > --config file > default."""
+    environ = os.environ if environ is None else environ
+    file_values: dict = {}
+    if getattr(args, "config", None):
+        import yaml
+
+        with open(args.config) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of settings")
+        file_values = {k.replace("-", "_"): v for k, v in loaded.items()}
+    cfg = ProxyConfig(mode=mode)
+    if mode == "sidecar":
+        cfg.listen = "0.0.0.0:15000"
+    known = {f.name: f for f in fields(ProxyConfig)}
+    unknown = set(file_values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown setting(s) in config file: {sorted(unknown)}")
+    for name in known:
+        if name == "mode":
+            continue
+        value = getattr(args, name, None)
+        if value is None and "STAX_" + name.upper() in environ:
+            value = _coerce(environ["STAX_" + name.upper()], getattr(cfg, name))
+        if value is None and name in file_values:
+            value = file_values[name]
+        if value is not None:
+            if isinstance(getattr(cfg, name), list) and isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+            setattr(cfg, name, value)
+    _validate(cfg)
+    return cfg
+
+
+def _coerce(raw: str, default):
+    if isinstance(default, bool):
+        return raw.lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    return raw
+
+
+def _validate(cfg: ProxyConfig) -> None:
+    if bool(cfg.graph) == bool(cfg.redis):
+        raise ValueError("give exactly one graph source: --graph FILE or --redis URL")
+    addrs = ["listen", "admin"] + (["egress", "app"] if cfg.mode == "sidecar" else [])
+    for name in addrs:
+        if getattr(cfg, name) is None:
+            raise ValueError(f"--{name} is required")
+        split_host_port(getattr(cfg, name))
+    if cfg.mode == "sidecar":
+        for name in ("env", "service"):
+            if not getattr(cfg, name):
+                raise ValueError(f"--{name} is required for a sidecar")
+    for spec in cfg.route_prefix:
+        prefix, sep, svc = spec.partition("=")
+        if not sep or not prefix.startswith("/") or not svc:
+            raise ValueError(f"--route-prefix {spec!r}: want /PATH=SERVICE")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if cfg.max_hops < 1:
+        raise ValueError("--max-hops must be >= 1")

@@ -1,0 +1,77 @@
+"""The small request-head object the pipeline stages work on (no framework objects here)."""
+
+from __future__ import annotations
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+# Never forwarded (RFC 9110 7.6.1), plus what stax rewrites itself on every hop.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+})
+REWRITTEN = frozenset({
+    b"content-length", b"baggage", b"x-stax-env", b"traceparent", b"x-stax-hops",
+    b"x-forwarded-for", b"x-forwarded-proto", b"expect",
+})
+
+
+class Request:
+    """One client request: parsed head, routing decisions, and the trace context."""
+
+    __slots__ = (
+        "method", "target", "path", "version", "headers", "keep_alive", "chunked",
+        "content_length", "peer", "scheme", "upgrade",
+        "env", "service", "route", "hops", "trace_id", "span_id", "trace_flags",
+        "baggage", "started", "host", "expect_continue", "hop_names",
+        "h_baggage", "h_env", "h_traceparent", "h_hops", "h_cookie", "h_xff", "h_xfp",
+    )
+
+    def __init__(self, method: bytes, target: bytes, version: str, headers: list,
+                 keep_alive: bool, peer: str, scheme: bytes, started: float) -> None:
+        self.method = method
+        self.target = target
+        self.path = target  # origin-form path+query forwarded upstream (route/sanitize may rewrite)
+        self.version = version
+        self.headers = headers  # [(lowercased name, original name, value)] as received
+        self.keep_alive = keep_alive
+        self.peer = peer
+        self.scheme = scheme
+        self.started = started
+        self.chunked = False
+        self.content_length: int | None = None
+        self.upgrade = False
+        self.env: str | None = None
+        self.service: str | None = None
+        self.route = None
+        self.hops = 0
+        self.trace_id = self.span_id = b""
+        self.trace_flags = b"01"
+        self.baggage: list[bytes] = []  # other baggage members, kept as received
+        self.host: bytes | None = None
+        self.expect_continue = False
+        self.hop_names: frozenset = HOP_BY_HOP  # plus names listed in Connection
+        # Raw values of the headers stax interprets, picked out in one pass by sanitize.
+        self.h_baggage: list[bytes] = []
+        self.h_env: bytes | None = None
+        self.h_traceparent: bytes | None = None
+        self.h_hops: bytes | None = None
+        self.h_cookie: bytes | None = None
+        self.h_xff: bytes | None = None
+        self.h_xfp: bytes | None = None
+
+    def __repr__(self) -> str:
+        return (f"<Request {self.method.decode()} {self.path.decode('latin-1')} "
+                f"env={self.env} service={self.service}>")
+
+    def header(self, lname: bytes) -> bytes | None:
+        for name, _, value in self.headers:
+            if name == lname:
+                return value
+        return None
+
+    def header_all(self, lname: bytes) -> list[bytes]:
+        return [v for n, _, v in self.headers if n == lname]
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)

@@ -1,0 +1,195 @@
+"""A running proxy process: graph source, shared upstream state, listeners, admin, drain.
+
+`Runtime` owns what every listener shares (snapshot cell, pool, endpoint health, retry
+budget, admission, metrics); a `Listener` is one port with its own stage list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import time
+
+import orjson
+
+from resolver.errors import StaxError
+from resolver.sources.file import FileSource
+from resolver.sync import SnapshotCell
+
+from .admission import Admission
+from .balancer import EndpointHealth, RetryBudget
+from .config import ProxyConfig
+from .metrics import Stats
+from .server_protocol import ClientConnection
+from .stages.forward import Forwarder
+from .upstream_pool import UpstreamPool, make_ssl_context
+
+log = logging.getLogger("stax.proxy")
+
+
+class Listener:
+    """One listening port: a stage list (top to bottom) and the terminal forwarder."""
+
+    def __init__(self, rt: Runtime, name: str, stages: list, *, tls: ssl.SSLContext | None = None) -> None:
+        self.rt = rt
+        self.name = name
+        self.stages = stages
+        self.config = rt.config
+        self.connections = rt.connections
+        self.stats = Stats(name)
+        self.tls = tls
+        self.forwarder = Forwarder(rt.pool, rt.health, self.stats, rt.budget, mode=name,
+                                   add_xfp=b"https" if tls else b"http")
+        self.server: asyncio.base_events.Server | None = None
+        self.admit = rt.admission.admit
+        self.release = rt.admission.release
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.name} stages={[s.__name__ for s in self.stages]}>"
+
+    @property
+    def draining(self) -> bool:
+        return self.rt.draining
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        scheme = b"https" if self.tls else b"http"
+        self.server = await loop.create_server(
+            lambda: ClientConnection(self, scheme), host, port, ssl=self.tls, backlog=2048,
+            reuse_address=True)
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    def log_error(self, req, err: StaxError, peer: str) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info(orjson.dumps({
+                "event": "error", "listener": self.name, "code": err.code, "status": err.status,
+                "message": err.message, "peer": peer,
+                "method": req.method.decode("latin-1") if req else None,
+                "path": req.path.decode("latin-1")[:200] if req else None,
+                "env": req.env if req else None, "service": req.service if req else None,
+            }).decode())
+
+    def log_exception(self, what: str, exc: BaseException) -> None:
+        log.exception("%s: %s", what, exc, exc_info=exc)
+
+
+class Runtime:
+    def __init__(self, config: ProxyConfig, *, cell: SnapshotCell | None = None) -> None:
+        self.config = config
+        self.cell = cell or SnapshotCell()
+        self.pool = UpstreamPool(max_idle_per_endpoint=config.pool_max_idle,
+                                 idle_timeout=config.pool_idle_timeout,
+                                 connect_timeout=config.connect_timeout,
+                                 ssl_context=make_ssl_context(config.upstream_ca))
+        self.health = EndpointHealth()
+        self.budget = RetryBudget()
+        self.admission = Admission(config.max_inflight)
+        self.connections: set[ClientConnection] = set()
+        self.listeners: list[Listener] = []
+        self.draining = False
+        self.source = None
+        self.admin_runner = None
+        self.admin_port = 0
+        self._sweeper: asyncio.Task | None = None
+        self._stopped = asyncio.Event()
+        self.started = time.time()
+
+    def __repr__(self) -> str:
+        return (f"<Runtime {self.config.mode} v{self.cell.version} listeners={len(self.listeners)} "
+                f"connections={len(self.connections)} inflight={self.inflight}>")
+
+    @property
+    def inflight(self) -> int:
+        return self.admission.inflight
+
+    @property
+    def stats(self):  # the first listener's; metrics iterate all listeners
+        return self.listeners[0].stats
+
+    # -- graph source ------------------------------------------------------------------------
+    async def start_source(self) -> None:
+        cfg = self.config
+        if cfg.graph:
+            src = FileSource(cfg.graph, self.cell)
+            src.load_initial()
+            src.start()
+        else:
+            from resolver.sources.redis_store import RedisStore
+            from resolver.sources.redis_sync import RedisSource
+
+            store = RedisStore(cfg.redis, prefix=cfg.redis_prefix)
+            src = RedisSource(store, self.cell, cache_file=cfg.graph_cache,
+                              regression_hold=cfg.regression_hold)
+            await src.start()
+        self.source = src
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start_listeners(self, listeners: list[tuple[Listener, str]]) -> None:
+        from .admin import start_admin
+
+        for listener, addr in listeners:
+            host, port = _split(addr)
+            await listener.start(host, port)
+            self.listeners.append(listener)
+        host, port = _split(self.config.admin)
+        self.admin_runner, self.admin_port = await start_admin(self, host, port)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                conn.check_deadline(now)
+            self.pool.sweep()
+
+    def install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain()))
+
+    async def drain(self) -> None:
+        """SIGTERM: not ready at once, `Connection: close` on every next response, in-flight
+        requests finish (up to drain_timeout), then stop."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %d in flight, up to %ss", self.inflight, self.config.drain_timeout)
+        deadline = time.monotonic() + self.config.drain_timeout
+        for conn in list(self.connections):  # idle keep-alive connections can go now
+            if conn.exchange is None and not conn.in_head and not conn.queue:
+                conn.closed = True
+                conn.transport.close()
+        while self.inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self.stop()
+
+    async def stop(self) -> None:
+        for listener in self.listeners:
+            if listener.server is not None:
+                listener.server.close()
+        for conn in list(self.connections):
+            conn.closed = True
+            conn.transport.close()
+        if self._sweeper:
+            self._sweeper.cancel()
+        if self.source is not None:
+            await self.source.stop()
+        self.pool.close()
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def _split(addr: str) -> tuple[str, int]:
+    from .config import split_host_port
+
+    return split_host_port(addr)

@@ -1,0 +1,272 @@
+"""The client side of a stax listener: an asyncio.Protocol fed to httptools' C parser.
+
+One request is handled at a time per connection; pipelined requests queue behind it with
+their bodies (reading pauses while one waits). Everything stax answers itself goes through
+`send_error`, the single place errors become responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from resolver.errors import BadRequest, HeadersTooLarge, RequestTimeout, StaxError
+
+from .errors import error_response, rescue
+from .request import Request
+
+
+class _Queued:
+    __slots__ = ("req", "chunks", "complete")
+
+    def __init__(self, req: Request) -> None:
+        self.req = req
+        self.chunks: list[bytes] = []
+        self.complete = False
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, runtime, scheme: bytes) -> None:
+        self.server = runtime
+        self.scheme = scheme
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpRequestParser(self)
+        self.peer = ""
+        self.url = b""
+        self.headers: list = []
+        self.head_bytes = 0
+        self.in_head = False
+        self.exchange = None  # the request being forwarded
+        self.current: _Queued | None = None  # a request whose body must be consumed (error path)
+        self.queue: deque[_Queued] = deque()
+        self.close_after = False
+        self.closed = False
+        self.paused: set[str] = set()
+        self.deadline = 0.0  # header-read or keep-alive deadline, checked by the sweeper
+        self.error: StaxError | None = None
+        self.discard_body = False
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection {self.peer} exchange={self.exchange!r} queued={len(self.queue)}>"
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        self.server.connections.add(self)
+        self.deadline = time.monotonic() + self.server.config.header_timeout
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            pass  # Upgrade requests are forwarded as plain requests until tunnelling lands
+        except HttpParserError as exc:
+            err = self.error or BadRequest(f"malformed request: {_parser_reason(exc)}")
+            self.error = None
+            if self.exchange is not None and self.exchange.responded:
+                self.abort()  # a broken body mid-stream: nothing sane to send
+                return
+            if self.exchange is not None:
+                self.exchange.client_lost()
+                self.exchange = None
+                self.server.release()
+            self.send_error(None, err, close=True)
+            return
+        if self.in_head and not self.closed:
+            # llhttp buffers a partial head: bound what a client can make us hold
+            self.head_bytes += len(data)
+            if self.head_bytes > self.server.config.max_head_bytes:
+                self.send_error(None, HeadersTooLarge(
+                    f"request head over {self.server.config.max_head_bytes} bytes"), close=True)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self.exchange is not None:
+            self.exchange.client_lost()
+            self.exchange = None
+            self.server.release()
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.pause_upstream()
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.resume_upstream()
+
+    # -- flow control ------------------------------------------------------------------------
+    def pause_reading(self, reason: str) -> None:
+        if not self.paused and not self.closed:
+            self.transport.pause_reading()
+        self.paused.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        self.paused.discard(reason)
+        if not self.paused and not self.closed:
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.transport.write(data)
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- httptools callbacks -----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.head_bytes = 0
+        self.url = b""
+        self.headers = []
+        self.deadline = time.monotonic() + self.server.config.header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.head_bytes += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.lower(), name, value))
+        self.head_bytes += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.deadline = 0.0
+        if self.closed:
+            return
+        if self.head_bytes > self.server.config.max_head_bytes:
+            self.send_error(None, HeadersTooLarge(
+                f"request head over {self.server.config.max_head_bytes} bytes"), close=True)
+            return
+        parser = self.parser
+        req = Request(parser.get_method(), self.url, parser.get_http_version(), self.headers,
+                      parser.should_keep_alive(), self.peer, self.scheme, time.monotonic())
+        if self.exchange is not None or self.current is not None or self.queue:
+            self.queue.append(_Queued(req))  # pipelined: wait for the one in flight
+            self.pause_reading("pipeline")
+            return
+        self._handle(req)
+
+    def on_body(self, body: bytes) -> None:
+        if self.closed:
+            return
+        if self.queue:
+            self.queue[-1].chunks.append(body)
+        elif self.exchange is not None:
+            self.exchange.feed_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.closed:
+            return
+        if self.queue:
+            self.queue[-1].complete = True
+        elif self.exchange is not None:
+            self.exchange.end_body()
+        elif self.current is not None:
+            self.current = None  # the errored request's body is consumed: keep-alive is safe
+            self._next()
+
+    # -- request handling --------------------------------------------------------------------
+    def _handle(self, req: Request, chunks: list | None = None, complete: bool = True) -> None:
+        srv = self.server
+        if srv.draining:
+            self.close_after = True
+        try:
+            srv.admit()
+        except StaxError as err:
+            self._reject(req, err, chunks, complete)
+            return
+        try:
+            for stage in srv.stages:
+                stage(req)
+            if req.expect_continue and req.has_body and chunks is None:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.exchange = srv.forwarder.start(self, req)
+        except StaxError as err:
+            srv.release()
+            self._reject(req, err, chunks, complete)
+            return
+        except Exception as exc:  # a bug must not take the proxy down: answer and log
+            srv.release()
+            srv.log_exception("request pipeline failed", exc)
+            self._reject(req, rescue(exc), chunks, complete)
+            return
+        if chunks is not None and self.exchange is not None:
+            for chunk in chunks:
+                self.exchange.feed_body(chunk)
+            if complete:
+                self.exchange.end_body()
+
+    def _reject(self, req: Request, err: StaxError, chunks, complete: bool) -> None:
+        body_pending = req.has_body and not (chunks is not None and complete)
+        if body_pending and (req.content_length or 0) > 1 << 20 or req.chunked and body_pending:
+            close = True  # not worth reading a large or unbounded body just to keep the connection
+        else:
+            close = False
+        self.server.stats.observe(req.route, err.status, time.monotonic() - req.started)
+        route = req.route.header if req.route is not None else None
+        self.send_error(req, err, close=close or not req.keep_alive, route_header=route)
+        if not close and body_pending:
+            self.current = _Queued(req)  # swallow the rest of its body, then go on
+
+    def send_error(self, req: Request | None, err: StaxError, *, close: bool,
+                   route_header: bytes | None = None) -> None:
+        srv = self.server
+        srv.stats.error(err.code)
+        close = close or self.close_after or srv.draining
+        head_only = req is not None and req.method == b"HEAD"
+        self.write(error_response(err, route_header=route_header, close=close, head_only=head_only))
+        srv.log_error(req, err, self.peer)
+        if close:
+            self.closed = True
+            self.transport.close()
+        elif self.current is None:
+            self._next()
+
+    def exchange_done(self, ex) -> None:
+        self.exchange = None
+        self.server.release()
+        if self.close_after or not ex.req.keep_alive:
+            self.closed = True
+            self.transport.close()
+            return
+        self._next()
+
+    def exchange_failed(self, ex, err: StaxError) -> None:
+        self.exchange = None
+        self.server.release()
+        pending = not ex.body_done
+        self.send_error(ex.req, err, close=pending or not ex.req.keep_alive,
+                        route_header=ex.route.header)
+
+    def _next(self) -> None:
+        if self.queue:
+            item = self.queue.popleft()
+            if not self.queue:
+                self.resume_reading("pipeline")
+            self._handle(item.req, item.chunks, item.complete)
+        else:
+            self.deadline = time.monotonic() + self.server.config.keepalive_timeout
+
+    def check_deadline(self, now: float) -> None:
+        """Called by the sweeper: header-read timeout (408) and keep-alive idle close."""
+        if self.deadline and now >= self.deadline and not self.closed:
+            if self.in_head:
+                self.send_error(None, RequestTimeout("request head not received in time"), close=True)
+            elif self.exchange is None and not self.queue:
+                self.closed = True
+                self.transport.close()
+
+
+def _parser_reason(exc: HttpParserError) -> str:
+    text = str(exc) or type(exc).__name__
+    return text[:120]

@@ -1,0 +1,125 @@
+"""Context: the request's env (baggage `stax.env`, then `x-stax-env`; gateway fallbacks),
+the hop counter (loop guard) and the trace context. See DESIGN.md section 3."""
+
+from __future__ import annotations
+
+from urllib.parse import unquote_to_bytes
+
+from resolver.errors import BadContext, HeadersTooLarge, LoopDetected
+from resolver.validate import NAME_RE
+
+from ..request import Request
+from ..tracing import new_span_id, new_trace_id, parse_traceparent
+
+BAGGAGE_KEY = b"stax.env"
+
+
+def parse_baggage(values: list[bytes], *, max_bytes: int, max_members: int) -> tuple[bytes | None, list[bytes]]:
+    """(stax.env value, the other members as received). Raises HeadersTooLarge / BadContext."""
+    if not values:
+        return None, []
+    total = sum(len(v) for v in values) + len(values) - 1
+    if total > max_bytes:
+        raise HeadersTooLarge(f"baggage is {total} bytes (limit {max_bytes})")
+    env = None
+    others: list[bytes] = []
+    count = 0
+    for value in values:
+        for member in value.split(b","):
+            member = member.strip()
+            if not member:
+                continue
+            count += 1
+            if count > max_members:
+                raise HeadersTooLarge(f"baggage has more than {max_members} members")
+            key, eq, rest = member.partition(b"=")
+            if key.strip() == BAGGAGE_KEY:
+                if not eq:
+                    raise BadContext("baggage member stax.env has no value")
+                found = unquote_to_bytes(rest.split(b";", 1)[0].strip())
+                if env is not None and found != env:
+                    raise BadContext("conflicting stax.env baggage members")
+                env = found
+            else:
+                others.append(member)
+    return env, others
+
+
+def _check_name(raw: bytes, where: str) -> str:
+    try:
+        name = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise BadContext(f"invalid env name in {where}") from None
+    if not NAME_RE.fullmatch(name):
+        shown = name if len(name) <= 70 else name[:67] + "..."
+        raise BadContext(f"invalid env name {shown!r} in {where}")
+    return name
+
+
+def cookie_value(cookie: bytes | None, key: bytes) -> bytes | None:
+    if not cookie:
+        return None
+    for part in cookie.split(b";"):
+        k, _, v = part.strip().partition(b"=")
+        if k == key:
+            return v.strip().strip(b'"')
+    return None
+
+
+def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: int,
+                 default_env, fallback=None):
+    """`default_env(req)` names the env for a request with no context; `fallback(req)` (gateway)
+    may find one in a cookie or subdomain when neither header is present."""
+
+    def context(req: Request) -> None:
+        raw = req.h_hops
+        if raw is None:
+            hops = 0
+        else:
+            raw = raw.strip()
+            if not raw.isdigit() or len(raw) > 6:
+                raise BadContext("x-stax-hops must be a non-negative integer")
+            hops = int(raw)
+            if hops >= max_hops:
+                raise LoopDetected(f"{hops} stax hops (limit {max_hops}): routing loop?")
+        req.hops = hops + 1
+
+        from_baggage, req.baggage = parse_baggage(
+            req.h_baggage, max_bytes=max_baggage_bytes, max_members=max_baggage_members)
+        header = req.h_env.strip() if req.h_env is not None else None
+        if from_baggage is not None:
+            if header is not None and header != from_baggage:
+                raise BadContext("baggage stax.env and x-stax-env disagree")
+            req.env = _check_name(from_baggage, "baggage stax.env")
+        elif header is not None:
+            req.env = _check_name(header, "x-stax-env")
+        else:
+            found = fallback(req) if fallback is not None else None
+            req.env = found if found is not None else default_env(req)
+
+        parsed = parse_traceparent(req.h_traceparent)
+        if parsed is None:
+            req.trace_id = new_trace_id()
+        else:
+            req.trace_id, _, req.trace_flags = parsed
+        req.span_id = new_span_id()
+
+    return context
+
+
+def gateway_fallback(*, host_suffix: bytes | None):
+    """Gateway only: cookie `stax-env`, then `Host: <service>.<env>.<suffix>`."""
+
+    def fallback(req: Request) -> str | None:
+        value = cookie_value(req.h_cookie, b"stax-env")
+        if value is not None:
+            return _check_name(value, "cookie stax-env")
+        if host_suffix and req.host:
+            host = req.host.split(b":", 1)[0].lower()
+            if host.endswith(b"." + host_suffix):
+                labels = host[: -len(host_suffix) - 1].split(b".")
+                if len(labels) == 2:
+                    return _check_name(labels[1], "Host subdomain")
+        return None
+
+    return fallback

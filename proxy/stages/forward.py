@@ -1,0 +1,387 @@
+"""Forward (terminal stage): send the request to one endpoint of the resolved provider and
+stream the response back. Callback-driven (no task per request): the client and upstream
+protocols call into the Exchange as bytes arrive.
+
+Retries: idempotent methods only, before any response byte, on another endpoint, only while
+the request body is buffered whole (<= 64 KiB), within the retry budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from resolver.errors import (
+    StaxError,
+    UpstreamBadResponse,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+from ..errors import status_line
+from ..request import HOP_BY_HOP, IDEMPOTENT, REWRITTEN, Request
+
+BODY_RETRY_LIMIT = 64 * 1024
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class Forwarder:
+    """Shared state of the terminal stage: pool, balancing, health, metrics hooks."""
+
+    def __init__(self, pool, health, stats, budget, *, mode: str, add_xfp: bytes) -> None:
+        self.pool = pool
+        self.health = health
+        self.stats = stats
+        self.budget = budget
+        self.mode = mode
+        self.add_xfp = add_xfp
+
+    def start(self, client, req: Request) -> Exchange:
+        self.budget.note_request(req.route.service)
+        ex = Exchange(self, client, req)
+        ex.start()
+        return ex
+
+
+class Exchange:
+    __slots__ = (
+        "fw", "client", "req", "route", "head", "body", "body_bytes", "body_done",
+        "body_streamed", "conn", "attempt", "tried", "timer", "responded", "done", "resp_chunked",
+        "resp_close", "status", "t0", "last_activity", "idle_timer", "endpoint", "connecting",
+    )
+
+    def __init__(self, fw: Forwarder, client, req: Request) -> None:
+        self.fw = fw
+        self.client = client
+        self.req = req
+        self.route = req.route
+        self.head = _request_head(req, fw.add_xfp)
+        self.body: list[bytes] | None = [] if req.has_body else None
+        self.body_bytes = 0
+        self.body_done = not req.has_body
+        self.body_streamed = False  # some body went upstream unbuffered: no retry possible
+        self.conn = None
+        self.attempt = 0
+        self.tried: list = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.responded = False  # response head written to the client
+        self.done = False
+        self.resp_chunked = False
+        self.resp_close = False
+        self.status = 0
+        self.t0 = time.monotonic()
+        self.last_activity = self.t0
+        self.endpoint = None
+        self.connecting = None
+
+    def __repr__(self) -> str:
+        return f"<Exchange {self.req!r} attempt={self.attempt} responded={self.responded}>"
+
+    # -- attempts ----------------------------------------------------------------------------
+    def start(self) -> None:
+        ep = self.fw.health.pick(self.route, self.tried)  # raises NoHealthyEndpoint
+        self.endpoint = ep
+        self.tried.append(ep)
+        self.attempt += 1
+        conn = self.fw.pool.acquire_idle(ep)
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self.connecting = asyncio.ensure_future(self._connect(ep))
+
+    async def _connect(self, ep) -> None:
+        try:
+            conn = await self.fw.pool.connect(ep)
+        except asyncio.CancelledError:
+            return
+        except (OSError, TimeoutError) as exc:
+            self.connecting = None
+            if not self.done:
+                self._attempt_failed(UpstreamUnavailable(f"connect to {ep} failed: {_reason(exc)}"), None)
+            return
+        self.connecting = None
+        if self.done:
+            self.fw.pool.release(conn)
+            return
+        self._attach(conn)
+
+    def _attach(self, conn) -> None:
+        self.conn = conn
+        req = self.req
+        conn.begin(self, self.head, no_body=req.method == b"HEAD")
+        if self.body:
+            for chunk in self.body:
+                conn.transport.write(_frame(chunk, req.chunked))
+        if self.body_done and req.chunked:
+            conn.transport.write(b"0\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        self.timer = loop.call_later(self.route.timeout_s, self._on_timeout)
+
+    def _attempt_failed(self, err: StaxError, conn) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if conn is not None:
+            self.fw.pool.discard(conn)
+            self.conn = None
+        self.fw.health.failure(self.endpoint, self.route)
+        req = self.req
+        if (not self.responded and self.attempt <= self.route.retries
+                and req.method in IDEMPOTENT and not self.body_streamed
+                and (self.body_done or self.body is None)
+                and self.fw.budget.allow_retry(self.route.service)):
+            try:
+                self.start()
+                return
+            except StaxError:
+                pass
+        self._fail(err)
+
+    def _on_timeout(self) -> None:
+        self.timer = None
+        if self.done or self.responded:
+            return
+        self._attempt_failed(
+            UpstreamTimeout(f"{self.route.service} did not answer within {self.route.timeout_s:g}s"),
+            self.conn)
+
+    # -- request body (client -> upstream) ---------------------------------------------------
+    def feed_body(self, chunk: bytes) -> None:
+        self.last_activity = time.monotonic()
+        conn = self.conn
+        body = self.body
+        if body is not None:
+            self.body_bytes += len(chunk)
+            if self.body_bytes <= BODY_RETRY_LIMIT:
+                body.append(chunk)  # kept for a retry
+            else:
+                self.body = None
+                if conn is None:  # not attached yet: keep the bytes, stop reading more
+                    body.append(chunk)
+                    self.body = body
+                    self.body_streamed = True
+                    self.client.pause_reading("body")
+                    return
+                self.body_streamed = True
+        elif conn is None:
+            return
+        if conn is not None:
+            conn.transport.write(_frame(chunk, self.req.chunked))
+
+    def end_body(self) -> None:
+        self.body_done = True
+        if self.conn is not None and self.req.chunked:
+            self.conn.transport.write(b"0\r\n\r\n")
+
+    # -- response (upstream -> client) -------------------------------------------------------
+    def on_response_head(self, conn, status: int, headers: list) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.status = status
+        self.fw.health.success(self.endpoint)
+        req = self.req
+        client = self.client
+        out = [status_line(status)]
+        theirs = None
+        length = None
+        chunked = False
+        hop = HOP_BY_HOP
+        extra_hop = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                if b"close" in tokens:
+                    self.resp_close = True
+                extra_hop = tokens if extra_hop is None else extra_hop | tokens
+                continue
+            if lname in hop:
+                if lname == b"transfer-encoding":
+                    chunked = True
+                continue
+            if lname == b"content-length":
+                length = value
+                continue
+            if lname == b"x-stax-route":
+                theirs = value if theirs is None else theirs + b"," + value
+                continue
+            out.append(name + b": " + value + b"\r\n")
+        if extra_hop:
+            out = [line for line in out if line.split(b":", 1)[0].lower() not in extra_hop]
+        route_value = self.route.header if theirs is None else self.route.header + b"," + theirs
+        out.append(b"x-stax-route: " + route_value + b"\r\n")
+        no_body = req.method == b"HEAD" or status in _NO_BODY_STATUS
+        if no_body:
+            if length is not None:
+                out.append(b"content-length: " + length + b"\r\n")
+            elif chunked and req.method == b"HEAD":
+                out.append(b"transfer-encoding: chunked\r\n")
+        elif length is not None and not chunked:
+            out.append(b"content-length: " + length + b"\r\n")
+        else:
+            conn.eof_body = not chunked
+            if req.version == "1.1":
+                self.resp_chunked = True
+                out.append(b"transfer-encoding: chunked\r\n")
+            else:
+                client.close_after = True
+        if client.close_after or not req.keep_alive or client.server.draining:
+            client.close_after = True
+            out.append(b"connection: close\r\n")
+        out.append(b"\r\n")
+        self.responded = True
+        client.write(b"".join(out))
+        if not no_body and self.route.idle_timeout_s:
+            self._arm_idle()
+
+    def on_response_body(self, chunk: bytes) -> None:
+        self.last_activity = time.monotonic()
+        if self.resp_chunked:
+            self.client.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self.client.write(chunk)
+
+    def on_response_complete(self, conn, keep_alive: bool) -> None:
+        if self.done:
+            return
+        if self.resp_chunked:
+            self.client.write(b"0\r\n\r\n")
+        self._cancel_timers()
+        self.conn = None
+        if keep_alive and not self.resp_close and self.body_done:
+            self.fw.pool.release(conn)
+        else:
+            self.fw.pool.discard(conn)
+        self._finish()
+
+    def on_upgrade(self, conn, rest: bytes) -> None:
+        # Tunnelling (101) arrives with the resilience issue; until then refuse cleanly.
+        self.upstream_failed(UpstreamBadResponse("upstream switched protocols (not supported)"), conn)
+
+    def upstream_failed(self, err: StaxError, conn) -> None:
+        if self.done:
+            self.fw.pool.discard(conn)
+            return
+        if self.responded:
+            self.fw.pool.discard(conn)
+            self._abort_client()
+            return
+        self._attempt_failed(err, conn)
+
+    def upstream_lost(self, conn, exc) -> None:
+        if self.done:
+            return
+        if self.responded:  # a body that ends short must never look complete
+            self.conn = None
+            self.fw.pool.discard(conn)
+            self._abort_client()
+            return
+        reason = _reason(exc) if exc else "connection closed before a response"
+        self._attempt_failed(UpstreamUnavailable(f"{self.endpoint}: {reason}"), conn)
+
+    # -- idle timeout inside bodies ----------------------------------------------------------
+    def _arm_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.idle_timer = loop.call_later(self.route.idle_timeout_s, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self.idle_timer = None
+        if self.done:
+            return
+        idle = time.monotonic() - self.last_activity
+        if idle >= self.route.idle_timeout_s:
+            if self.conn is not None:
+                self.fw.pool.discard(self.conn)
+                self.conn = None
+            self._abort_client()
+        else:
+            loop = asyncio.get_running_loop()
+            self.idle_timer = loop.call_later(self.route.idle_timeout_s - idle, self._check_idle)
+
+    # -- endings -----------------------------------------------------------------------------
+    def _cancel_timers(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def _finish(self) -> None:
+        self.done = True
+        self.fw.stats.observe(self.route, self.status, time.monotonic() - self.t0)
+        self.client.exchange_done(self)
+
+    def _fail(self, err: StaxError) -> None:
+        self._cancel_timers()
+        self.done = True
+        self.status = err.status
+        self.fw.stats.observe(self.route, err.status, time.monotonic() - self.t0)
+        self.client.exchange_failed(self, err)
+
+    def _abort_client(self) -> None:
+        self._cancel_timers()
+        self.done = True
+        self.fw.stats.observe(self.route, 502, time.monotonic() - self.t0)
+        self.client.abort()
+
+    def client_lost(self) -> None:
+        """The client went away: drop the upstream side, never reuse it."""
+        if self.done:
+            return
+        self._cancel_timers()
+        self.done = True
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.conn is not None:
+            self.fw.pool.discard(self.conn)
+            self.conn = None
+
+    def pause_upstream(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.transport.pause_reading()
+
+    def resume_upstream(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.transport.resume_reading()
+
+
+def _frame(chunk: bytes, chunked: bool) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def _request_head(req: Request, xfp: bytes) -> bytes:
+    """The upstream request head: hop-by-hop dropped, context headers rewritten."""
+    env = req.env.encode()
+    out = [req.method, b" ", req.path, b" HTTP/1.1\r\n"]
+    skip = req.hop_names
+    for lname, name, value in req.headers:
+        if lname in skip or lname in REWRITTEN:
+            continue
+        out.append(name + b": " + value + b"\r\n")
+    baggage = b"stax.env=" + env
+    if req.baggage:
+        baggage = b",".join(req.baggage) + b"," + baggage
+    xff = req.peer.encode() if req.h_xff is None else req.h_xff + b", " + req.peer.encode()
+    out.append(
+        b"x-stax-env: %b\r\nbaggage: %b\r\ntraceparent: 00-%b-%b-%b\r\nx-stax-hops: %d\r\n"
+        b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\n"
+        % (env, baggage, req.trace_id, req.span_id, req.trace_flags, req.hops, xff,
+           req.h_xfp or xfp)
+    )
+    if req.chunked:
+        out.append(b"transfer-encoding: chunked\r\n")
+    elif req.content_length is not None:
+        out.append(b"content-length: %d\r\n" % req.content_length)
+    out.append(b"\r\n")
+    return b"".join(out)

@@ -1,0 +1,36 @@
+"""Path normalization before any path-based routing: RFC 3986 5.2.4 dot-segments, `//`
+merged, `%2e` decoded; encoded `/` and `\\` are refused (they hide path structure)."""
+
+from __future__ import annotations
+
+from resolver.errors import BadRequest
+
+
+def normalize_path(target: bytes) -> bytes:
+    path, sep, query = target.partition(b"?")
+    # Fast path: nearly every request needs nothing.
+    if b"/." not in path and b"//" not in path and b"%" not in path:
+        return target
+    lower = path.lower()
+    if b"%2f" in lower or b"%5c" in lower:
+        raise BadRequest("encoded '/' or '\\' in path")
+    if b"%2e" in lower:
+        path = path.replace(b"%2e", b".").replace(b"%2E", b".")
+    while b"//" in path:
+        path = path.replace(b"//", b"/")
+    out: list[bytes] = []
+    segments = path.split(b"/")
+    for i, seg in enumerate(segments[1:], 1):
+        last = i == len(segments) - 1
+        if seg == b".":
+            if last:
+                out.append(b"")
+        elif seg == b"..":
+            if out:
+                out.pop()
+            if last:
+                out.append(b"")
+        else:
+            out.append(seg)
+    path = b"/" + b"/".join(out)
+    return path + sep + query

@@ -1,0 +1,130 @@
+"""Route: pick the service (mode-specific) and resolve (env, service) on the serving snapshot.
+
+The snapshot reference is read once per request; resolution is a memoized dict look-up.
+"""
+
+from __future__ import annotations
+
+from resolver.errors import MisdirectedRequest, NoProvider, NoRoute, StaxError
+from resolver.layered_config import route_settings
+from resolver.model import Endpoint
+from resolver.snapshot import Route
+from resolver.sync import SnapshotCell
+from resolver.validate import NAME_RE
+
+from ..request import Request
+
+
+class NotReady(StaxError):
+    status, code = 503, "no_graph"
+
+
+def service_from_host(host: bytes | None) -> str | None:
+    """First label of the Host header, lowercased, port dropped."""
+    if not host:
+        return None
+    label = host.split(b":", 1)[0].split(b".", 1)[0].lower()
+    try:
+        return label.decode("ascii") or None
+    except UnicodeDecodeError:
+        return None
+
+
+def _resolve(cell: SnapshotCell, req: Request, service: str) -> None:
+    snap = cell.current
+    if snap is None:
+        raise NotReady("no graph loaded yet")
+    if not NAME_RE.fullmatch(service):
+        raise NoProvider(f"{service[:70]!r} is not a service name")
+    req.service = service
+    req.route = snap.resolve(req.env, service)
+
+
+def make_gateway_route(cell: SnapshotCell, prefixes: list[tuple[bytes, str]]):
+    ordered = sorted(prefixes, key=lambda p: len(p[0]), reverse=True)  # longest match wins
+
+    def route(req: Request) -> None:
+        path = req.path
+        for prefix, service in ordered:
+            if path.startswith(prefix) and (
+                len(path) == len(prefix) or prefix.endswith(b"/") or path[len(prefix)] in b"/?"
+            ):
+                _resolve(cell, req, service)
+                return
+        if req.path[:1] != b"/":  # absolute-form at the edge: route by its authority, forward origin-form
+            _absolute_to_origin(req)
+        service = service_from_host(req.host)
+        if service is None:
+            raise NoRoute("no Host header and no route prefix matched")
+        _resolve(cell, req, service)
+
+    return route
+
+
+def _absolute_to_origin(req: Request) -> None:
+    target = req.path
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise NoRoute("request target is neither origin-form nor http absolute-form")
+    authority, slash, path = rest.partition(b"/")
+    if b"@" in authority:
+        raise NoRoute("userinfo in request target is not allowed")
+    req.path = b"/" + path if slash else b"/"
+    if req.path[:1] == b"/" and (b"/." in req.path or b"//" in req.path or b"%" in req.path):
+        from .path import normalize_path
+        req.path = normalize_path(req.path)
+    if req.host is None:
+        req.host = authority
+        req.headers.append((b"host", b"Host", authority))
+    elif service_from_host(req.host) != service_from_host(authority):
+        # RFC 9112 3.2.2: the target's authority wins; keep Host consistent with it.
+        req.host = authority
+        req.headers = [h for h in req.headers if h[0] != b"host"] + [(b"host", b"Host", authority)]
+
+
+def make_egress_route(cell: SnapshotCell):
+    def route(req: Request) -> None:
+        if req.path[:1] != b"/":
+            _absolute_to_origin(req)
+        service = service_from_host(req.host)
+        if service is None:
+            raise NoRoute("egress request has no Host header and no absolute-form target")
+        _resolve(cell, req, service)
+
+    return route
+
+
+def make_ingress_route(cell: SnapshotCell, *, env: str, service: str, app: Endpoint):
+    """Ingress forwards to the local app; the route entry says how this hop relates to the
+    request's env. A request for an env whose chain does not include this sidecar's env is
+    refused (421): serving it here would leak it out of its overlay scope."""
+    memo: dict = {}
+
+    def route(req: Request) -> None:
+        snap = cell.current
+        if snap is None:
+            raise NotReady("no graph loaded yet")
+        req.service = service
+        if memo.get("v") is not snap:
+            memo.clear()
+            memo["v"] = snap
+        found = memo.get(req.env)
+        if found is None:
+            chain = snap.chain(req.env)  # raises UnknownEnv
+            graph = snap.graph
+            if service in graph.shared:
+                kind, provider = "shared", None
+            elif env == req.env:
+                kind, provider = "local", env
+            elif env not in chain:
+                raise MisdirectedRequest(
+                    f"this sidecar serves {service} for env {env!r}, which is not in the chain of "
+                    f"{req.env!r} ({' -> '.join(chain)})")
+            else:
+                kind, provider = ("baseline" if env == graph.baseline else "ancestor"), env
+            settings = route_settings(snap.config(req.env), service)
+            found = memo[req.env] = Route(req.env, service, kind, provider, (app,), snap.version,
+                                          settings, chain[: chain.index(env) + 1] if env in chain else ())
+        req.route = found
+
+    return route

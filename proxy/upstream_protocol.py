@@ -1,0 +1,126 @@
+"""One upstream HTTP/1.1 connection: httptools parses the response, events go to the
+Exchange currently attached. Nothing here decides policy."""
+
+from __future__ import annotations
+
+import asyncio
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from resolver.errors import UpstreamBadResponse
+
+
+class UpstreamConnection(asyncio.Protocol):
+    __slots__ = (
+        "pool", "key", "transport", "parser", "exchange", "closed", "idle", "idle_since",
+        "headers", "interim", "no_body", "reset_parser", "uses", "got_bytes", "head_done",
+        "eof_body",
+    )
+
+    def __init__(self, pool, key: str) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.parser = HttpResponseParser(self)
+        self.exchange = None
+        self.closed = False
+        self.idle = False
+        self.idle_since = 0.0
+        self.headers: list = []
+        self.interim = False
+        self.no_body = False  # the request was HEAD: the response has no body whatever it says
+        self.reset_parser = False
+        self.uses = 0
+        self.got_bytes = False
+        self.head_done = False
+        self.eof_body = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else ("idle" if self.idle else "active")
+        return f"<UpstreamConnection {self.key} {state} uses={self.uses}>"
+
+    # -- used by the Exchange ----------------------------------------------------------------
+    def begin(self, exchange, head: bytes, *, no_body: bool) -> None:
+        self.exchange = exchange
+        self.headers = []
+        self.no_body = no_body
+        self.got_bytes = self.head_done = self.eof_body = False
+        self.uses += 1
+        self.transport.write(head)
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        ex = self.exchange
+        if ex is None:  # bytes on an idle connection: the stream is out of sync, drop it
+            self.closed = True
+            self.transport.abort()
+            self.pool.forget(self)
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            ex.on_upgrade(self, data[exc.args[0]:] if exc.args else b"")
+        except HttpParserError as exc:
+            self.closed = True
+            ex.upstream_failed(UpstreamBadResponse(f"malformed upstream response: {exc}"), self)
+            return
+        if self.reset_parser:
+            self.reset_parser = False
+            self.parser = HttpResponseParser(self)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        ex = self.exchange
+        if ex is None:
+            if self.idle:
+                self.pool.forget(self)
+            return
+        if self.eof_body and self.head_done:
+            ex.on_response_complete(self, False)
+        else:
+            ex.upstream_lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.pause_reading("upstream")
+
+    def resume_writing(self) -> None:
+        if self.exchange is not None:
+            self.exchange.client.resume_reading("upstream")
+
+    # -- httptools callbacks -----------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self.interim = True  # 1xx: stax answers `Expect` itself, so skip interim heads
+            self.headers = []
+            return
+        self.head_done = True
+        self.exchange.on_response_head(self, status, self.headers)
+        if self.no_body:
+            self.reset_parser = True  # llhttp would wait for the body a HEAD response lacks
+            self.exchange.on_response_complete(self, self.parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        if not self.no_body:
+            self.exchange.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.no_body:
+            return
+        self.exchange.on_response_complete(self, self.parser.should_keep_alive())

@@ -1,0 +1,98 @@
+"""pytest plugin: a real, throw-away redis-server per test (`redis_server` fixture).
+
+No persistence, bound to 127.0.0.1 on a free port, in a temporary directory. Tests can kill
+it for real (SIGKILL) and start it again on the same port to exercise outages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, directory: str, port: int | None = None) -> None:
+        self.dir = directory
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self._log = os.path.join(directory, "redis.log")
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<RedisServer 127.0.0.1:{self.port} {state}>"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start (or restart) on the same port; returns once it answers PING."""
+        if self.running:
+            return
+        assert REDIS_SERVER is not None
+        with open(self._log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [REDIS_SERVER, "--port", str(self.port), "--save", "", "--appendonly", "no",
+                 "--bind", "127.0.0.1", "--dir", self.dir, "--daemonize", "no",
+                 "--loglevel", "warning"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                with open(self._log, "rb") as f:
+                    tail = f.read()[-2000:].decode(errors="replace")
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {tail}")
+            try:
+                with self.client() as c:
+                    if c.ping():
+                        return
+            except redis.RedisError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server on port {self.port} did not answer PING")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Kill it for real (SIGKILL): no graceful shutdown, connections just die."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def client(self) -> redis.Redis:
+        """A synchronous client for assertions and direct (bypassing) writes."""
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2,
+                           socket_connect_timeout=2)
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH (install redis-server to run Redis tests)")
+    server = RedisServer(str(tmp_path))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

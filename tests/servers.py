@@ -1,0 +1,1 @@
+"""Placeholder: upstream server fixtures (the lead overwrites this file)."""
