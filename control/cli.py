@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 import orjson
@@ -191,9 +190,9 @@ def cmd_demo(args) -> int:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}',
-                        stream=sys.stderr)
+    from proxy.logs import setup_logging
+
+    setup_logging(level)
 
 
 # -- parser -----------------------------------------------------------------------------------

@@ -12,8 +12,6 @@ import signal
 import ssl
 import time
 
-import orjson
-
 from resolver.errors import StaxError
 from resolver.sources.file import FileSource
 from resolver.sync import SnapshotCell
@@ -66,13 +64,13 @@ class Listener:
 
     def log_error(self, req, err: StaxError, peer: str) -> None:
         if log.isEnabledFor(logging.INFO):
-            log.info(orjson.dumps({
+            log.info({
                 "event": "error", "listener": self.name, "code": err.code, "status": err.status,
                 "message": err.message, "peer": peer,
                 "method": req.method.decode("latin-1") if req else None,
                 "path": req.path.decode("latin-1")[:200] if req else None,
                 "env": req.env if req else None, "service": req.service if req else None,
-            }).decode())
+            })
 
     def log_exception(self, what: str, exc: BaseException) -> None:
         log.exception("%s: %s", what, exc, exc_info=exc)

@@ -6,18 +6,39 @@ it for real (SIGKILL) and start it again on the same port to exercise outages.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
 
 REDIS_SERVER = shutil.which("redis-server")
+EXAMPLE_GRAPH = os.path.join(os.path.dirname(__file__), "data", "graph.yaml")
+
+
+def example_graph() -> dict:
+    """A fresh copy of tests/data/graph.yaml as a document (tests vary it)."""
+    from resolver.validate import load_document
+
+    with open(EXAMPLE_GRAPH, "rb") as f:
+        return load_document(f.read())
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:
+    """Poll `predicate` until it holds or `timeout` passes (a bounded wait, not a speed test)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(step)
+    return True
 
 
 def free_port() -> int:
@@ -27,10 +48,14 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: str, port: int | None = None) -> None:
+    def __init__(self, directory: str, port: int | None = None, *, password: str | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.dir = directory
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        self.extra_args = extra_args
+        auth = f":{password}@" if password else ""
+        self.url = f"redis://{auth}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
         self._log = os.path.join(directory, "redis.log")
 
@@ -51,7 +76,8 @@ class RedisServer:
             self.proc = subprocess.Popen(
                 [REDIS_SERVER, "--port", str(self.port), "--save", "", "--appendonly", "no",
                  "--bind", "127.0.0.1", "--dir", self.dir, "--daemonize", "no",
-                 "--loglevel", "warning"],
+                 "--loglevel", "warning",
+                 *(("--requirepass", self.password) if self.password else ()), *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
             )
         deadline = time.monotonic() + timeout
@@ -82,8 +108,8 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         """A synchronous client for assertions and direct (bypassing) writes."""
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2,
-                           socket_connect_timeout=2)
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                           socket_timeout=2, socket_connect_timeout=2)
 
 
 @pytest.fixture

@@ -1,1 +1,159 @@
-"""Placeholder: upstream server fixtures (the lead overwrites this file)."""
+"""Real upstream servers and in-process stax proxies on free ports (a pytest plugin)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+
+from proxy.config import ProxyConfig
+from proxy.main import start
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Echo:
+    """An upstream that answers what it received, as JSON, and records every request.
+
+    Paths: /status/N (answer N), /slow?ms=N (wait first), /bytes?n=N (N bytes, chunked when
+    &chunked=1), /sink (read the body, answer its size), anything else: echo."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: list[dict] = []
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def addr(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path == "/sink":
+            size = 0
+            async for chunk in request.content.iter_chunked(1 << 16):
+                size += len(chunk)
+            self.seen.append({"method": request.method, "path": path, "size": size,
+                              "headers": dict(request.headers)})
+            return web.json_response({"size": size, "upstream": self.name})
+        body = await request.read()
+        record = {
+            "upstream": self.name, "method": request.method, "path": request.path_qs,
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+            "header_list": [[k, v] for k, v in request.headers.items()],
+            "body": body.decode("latin-1"),
+        }
+        self.seen.append(record)
+        if path.startswith("/status/"):
+            status = int(path.rsplit("/", 1)[1])
+            return web.Response(status=status, body=None if status in (204, 304) else b"status",
+                                headers={"x-upstream": self.name})
+        if path == "/slow":
+            await asyncio.sleep(int(request.query.get("ms", "1000")) / 1000)
+        if path == "/bytes":
+            n = int(request.query.get("n", "0"))
+            if request.query.get("chunked"):
+                resp = web.StreamResponse(headers={"x-upstream": self.name})
+                resp.enable_chunked_encoding()
+                await resp.prepare(request)
+                block = b"x" * 65536
+                while n > 0:
+                    await resp.write(block[: min(n, len(block))])
+                    n -= len(block)
+                await resp.write_eof()
+                return resp
+            return web.Response(body=b"x" * n, headers={"x-upstream": self.name})
+        return web.Response(body=orjson.dumps(record), content_type="application/json",
+                            headers={"x-upstream": self.name})
+
+    async def start(self, port: int = 0) -> Echo:
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", port or self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@pytest.fixture
+async def upstreams():
+    """upstreams(name, ...) -> started Echo servers; all stopped at the end."""
+    started: list[Echo] = []
+
+    async def make(*names: str) -> list[Echo]:
+        out = [await Echo(n).start() for n in names]
+        started.extend(out)
+        return out
+
+    yield make
+    for e in started:
+        await e.stop()
+
+
+def write_graph(path, doc: dict) -> str:
+    """Write a graph atomically (as a control plane would) and return the path."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(doc, f)
+    os.replace(tmp, path)
+    return str(path)
+
+
+@pytest.fixture
+async def proxies():
+    """proxies(mode, **config) -> a started in-process Runtime; stopped at the end."""
+    started = []
+
+    async def make(mode: str, **kw):
+        kw.setdefault("listen", "127.0.0.1:0")
+        kw.setdefault("admin", "127.0.0.1:0")
+        if mode == "sidecar":
+            kw.setdefault("egress", "127.0.0.1:0")
+        rt = await start(ProxyConfig(mode=mode, **kw))
+        started.append(rt)
+        return rt
+
+    yield make
+    for rt in started:
+        with contextlib.suppress(Exception):
+            await rt.stop()
+
+
+def port_of(rt, name: str) -> int:
+    return next(lst.port for lst in rt.listeners if lst.name == name)
+
+
+async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes (or the timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    chunks = []
+    try:
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), read_timeout)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except (TimeoutError, ConnectionResetError):
+        pass
+    writer.close()
+    return b"".join(chunks)
