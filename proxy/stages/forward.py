@@ -113,8 +113,18 @@ class Exchange:
         if self.body:
             for chunk in self.body:
                 conn.transport.write(_frame(chunk, req.chunked))
-        if self.body_done and req.chunked:
-            conn.transport.write(b"0\r\n\r\n")
+        if self.body_done:
+            if req.chunked:
+                conn.transport.write(b"0\r\n\r\n")
+            self._arm_timeout()
+        else:
+            if self.body_streamed:
+                self.body = None  # flushed; too big to keep for a retry
+                self.client.resume_reading("body")
+            self._arm_idle()
+
+    def _arm_timeout(self) -> None:
+        # timeout_ms runs from the request fully sent to the response head received
         loop = asyncio.get_running_loop()
         self.timer = loop.call_later(self.route.timeout_s, self._on_timeout)
 
@@ -171,8 +181,11 @@ class Exchange:
 
     def end_body(self) -> None:
         self.body_done = True
-        if self.conn is not None and self.req.chunked:
-            self.conn.transport.write(b"0\r\n\r\n")
+        if self.conn is not None:
+            if self.req.chunked:
+                self.conn.transport.write(b"0\r\n\r\n")
+            if not self.responded and self.timer is None:
+                self._arm_timeout()
 
     # -- response (upstream -> client) -------------------------------------------------------
     def on_response_head(self, conn, status: int, headers: list) -> None:
@@ -283,8 +296,9 @@ class Exchange:
 
     # -- idle timeout inside bodies ----------------------------------------------------------
     def _arm_idle(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.idle_timer = loop.call_later(self.route.idle_timeout_s, self._check_idle)
+        if self.idle_timer is None:
+            loop = asyncio.get_running_loop()
+            self.idle_timer = loop.call_later(self.route.idle_timeout_s, self._check_idle)
 
     def _check_idle(self) -> None:
         self.idle_timer = None
@@ -295,7 +309,11 @@ class Exchange:
             if self.conn is not None:
                 self.fw.pool.discard(self.conn)
                 self.conn = None
-            self._abort_client()
+            if self.responded:
+                self._abort_client()
+            else:
+                self._fail(UpstreamTimeout(
+                    f"request body idle for {self.route.idle_timeout_s:g}s"))
         else:
             loop = asyncio.get_running_loop()
             self.idle_timer = loop.call_later(self.route.idle_timeout_s - idle, self._check_idle)

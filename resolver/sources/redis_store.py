@@ -186,8 +186,7 @@ class RedisStore:
         }
         if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
             su = parse_sentinel_url(url)
-            sentinel_opts = {"socket_timeout": socket_timeout,
-                             "socket_connect_timeout": socket_timeout, "ssl": su.ssl}
+            sentinel_opts = {**opts, "ssl": su.ssl}
             if su.sentinel_password:
                 sentinel_opts["password"] = su.sentinel_password
             self._sentinel = Sentinel(su.sentinels, sentinel_kwargs=sentinel_opts, **opts)

@@ -1,0 +1,151 @@
+"""Bodies stream both ways with backpressure (a real stax process, memory measured), and
+pooled keep-alive connections behave."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+
+from tests.servers import free_port, port_of, write_graph
+
+pytestmark = pytest.mark.asyncio
+MB = 1 << 20
+
+
+def rss_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(field)
+
+
+async def wait_ready(port: int, proc) -> None:
+    async with aiohttp.ClientSession() as s:
+        for _ in range(100):
+            if proc.poll() is not None:
+                raise AssertionError(f"stax exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("stax did not become ready")
+
+
+@pytest.fixture
+async def stax_gateway(tmp_path, upstreams):
+    (up,) = await upstreams("big")
+    path = write_graph(tmp_path / "g.yaml", {"baseline": "base", "envs": {
+        "base": {"services": {"big": {"endpoints": [up.addr]}}}}})
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "control.cli", "gateway", "--graph", path, "--listen",
+         f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--log-level", "warning"],
+        stderr=subprocess.PIPE)
+    try:
+        await wait_ready(admin, proc)
+        yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "up": up}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_200mb_each_way_with_slow_reader_bounded_memory(stax_gateway):
+    pid = stax_gateway["proc"].pid
+    base = rss_kb(pid, "VmRSS")
+    total = 200 * MB
+
+    async def body():
+        block = os.urandom(256 * 1024)
+        sent = 0
+        while sent < total:
+            yield block
+            sent += len(block)
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as s:
+        async with s.post(stax_gateway["url"] + "/sink", data=body(), headers={"Host": "big"}) as r:
+            assert r.status == 200
+            assert (await r.json())["size"] == total
+        got = 0
+        async with s.get(stax_gateway["url"] + f"/bytes?n={total}&chunked=1", headers={"Host": "big"}) as r:
+            assert r.status == 200
+            t0 = time.monotonic()
+            async for chunk in r.content.iter_chunked(1 << 16):
+                got += len(chunk)
+                if time.monotonic() - t0 < 1.0:
+                    await asyncio.sleep(0.01)  # a slow reader for the first second
+        assert got == total
+    peak = rss_kb(pid, "VmHWM")
+    assert (peak - base) < 50 * 1024, f"peak RSS grew {(peak - base) / 1024:.1f} MB"
+
+
+async def test_content_length_body_both_ways(stax_gateway):
+    data = os.urandom(3 * MB)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(stax_gateway["url"] + "/sink", data=data, headers={"Host": "big"}) as r:
+            assert (await r.json())["size"] == len(data)
+        async with s.get(stax_gateway["url"] + f"/bytes?n={5 * MB}", headers={"Host": "big"}) as r:
+            assert r.headers["content-length"] == str(5 * MB)
+            assert len(await r.read()) == 5 * MB
+
+
+async def _closing_upstream(state: dict):
+    """Answers keep-alive, then closes each connection shortly after (as servers with a short
+    idle timeout do)."""
+    async def handle(reader, writer):
+        state["conns"] += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"GET")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+                state["served"] += 1
+                await asyncio.sleep(0.05)
+                writer.close()
+                return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_stale_pooled_connection_goes_out_fresh(tmp_path, proxies):
+    state = {"conns": 0, "served": 0}
+    server, port = await _closing_upstream(state)
+    path = write_graph(tmp_path / "g.yaml", {"baseline": "base", "envs": {
+        "base": {"services": {"svc": {"endpoints": [f"127.0.0.1:{port}"]}}}}})
+    rt = await proxies("gateway", graph=path)
+    url = f"http://127.0.0.1:{port_of(rt, 'gateway')}/"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.get(url, headers={"Host": "svc"}) as r:
+                assert r.status == 200 and await r.read() == b"ok"
+            await asyncio.sleep(0.2)  # the upstream closes the pooled connection meanwhile
+    assert state["served"] == 3 and state["conns"] == 3
+    assert rt.pool.idle_count == 0
+    server.close()
+
+
+async def test_keepalive_connections_are_reused(tmp_path, proxies, upstreams):
+    (up,) = await upstreams("ka")
+    path = write_graph(tmp_path / "g.yaml", {"baseline": "base", "envs": {
+        "base": {"services": {"ka": {"endpoints": [up.addr]}}}}})
+    rt = await proxies("gateway", graph=path)
+    url = f"http://127.0.0.1:{port_of(rt, 'gateway')}/"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(20):
+            async with s.get(url, headers={"Host": "ka"}) as r:
+                assert r.status == 200
+    assert rt.pool.connects_total == 1
+    assert "idle=1" in repr(rt.pool)
