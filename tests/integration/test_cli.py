@@ -1,0 +1,94 @@
+"""The `stax` CLI as a user runs it: real processes, exit codes, JSON shapes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+GRAPH = "tests/data/graph.yaml"
+
+
+def stax(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "control.cli", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_validate_ok_and_every_problem(tmp_path):
+    ok = stax("graph", "validate", GRAPH)
+    assert ok.returncode == 0 and "3 envs" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("baseline: base\nshared: {auth: {endpoints: ['x:1']}}\nenvs:\n"
+                   "  base: {services: {auth: {endpoints: ['h:1']}}}\n"
+                   "  a: {parent: b}\n  b: {parent: a}\n  c: {parent: ghost}\n"
+                   "  D: {parent: base}\n  e: {parent: base, services: {s: {endpoints: []}}}\n"
+                   "  f: {parent: base, services: {s: {endpoints: ['nohost']}}}\n")
+    out = stax("graph", "validate", str(bad))
+    assert out.returncode == 1
+    for reason in ("shared and cannot be overlaid", "cycle in parents", "missing parent 'ghost'",
+                   "bad env name 'D'", "endpoint list is empty", "malformed endpoint 'nohost'"):
+        assert reason in out.stderr, reason
+
+
+def test_validate_unreadable_file_is_usage_error():
+    out = stax("graph", "validate", "/nonexistent/graph.yaml")
+    assert out.returncode == 2 and "cannot read" in out.stderr
+
+
+@pytest.mark.parametrize("env,service,kind,provider,chain", [
+    ("feature-1", "web", "local", "feature-1", [("feature-1", True)]),
+    ("feature-1", "orders", "ancestor", "team-a", [("feature-1", False), ("team-a", True)]),
+    ("team-a", "web", "baseline", "baseline", [("team-a", False), ("baseline", True)]),
+    ("feature-1", "auth", "shared", None, []),
+])
+def test_resolve_json_shape(env, service, kind, provider, chain):
+    out = stax("resolve", "--graph", GRAPH, env, service, "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert {"env", "service", "kind", "provider_env", "endpoints", "graph_version", "chain"} <= set(data)
+    assert (data["env"], data["service"], data["kind"], data["provider_env"]) == (env, service, kind, provider)
+    assert [(c["env"], c["provides"]) for c in data["chain"]] == chain
+    assert data["graph_version"] == 1
+    assert all(e.startswith("http://127.0.0.1:") for e in data["endpoints"])
+
+
+def test_resolve_errors():
+    out = stax("resolve", "--graph", GRAPH, "nope", "web", "--json")
+    assert out.returncode == 1 and json.loads(out.stdout)["error"] == "unknown_env"
+    out = stax("resolve", "--graph", GRAPH, "team-a", "billing", "--json")
+    assert out.returncode == 1 and json.loads(out.stdout)["error"] == "no_provider"
+    out = stax("resolve", "--graph", GRAPH, "team-a", "billing")
+    assert out.returncode == 1 and "billing" in out.stderr
+    assert stax("resolve", "team-a", "web").returncode == 2  # no graph source: usage
+
+
+def test_resolve_explains_in_text():
+    out = stax("resolve", "--graph", GRAPH, "feature-1", "orders")
+    assert out.returncode == 0
+    assert "ancestor (env team-a)" in out.stdout and "feature-1 has no overlay of orders" in out.stdout
+
+
+def test_config_explain_names_sources():
+    out = stax("config", "explain", "--graph", GRAPH, "feature-1", "--json")
+    data = json.loads(out.stdout)
+    assert data["config"]["orders.timeout_ms"] == {"value": 2000, "from": "team-a"}
+    assert data["config"]["orders.retries"] == {"value": 1, "from": "baseline"}
+    text = stax("config", "explain", "--graph", GRAPH, "feature-1").stdout
+    assert "from team-a" in text
+
+
+def test_check_config_dry_run():
+    ok = stax("gateway", "--graph", GRAPH, "--listen", "127.0.0.1:0", "--check-config")
+    assert ok.returncode == 0
+    bad = stax("sidecar", "--graph", GRAPH, "--service", "web", "--app", "127.0.0.1:1", "--check-config")
+    assert bad.returncode == 2 and "--env is required" in bad.stderr
+
+
+def test_demo_runs_every_kind():
+    out = stax("demo", timeout=120)
+    assert out.returncode == 0, out.stderr
+    for needle in ("local", "ancestor", "baseline", "shared", "unknown_env", "no_provider",
+                   "orders=ancestor:team-a@v1"):
+        assert needle in out.stdout, needle

@@ -1,0 +1,71 @@
+"""Context parsing: baggage, traceparent, path normalization (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.stages.context import cookie_value, parse_baggage
+from proxy.stages.path import normalize_path
+from proxy.tracing import parse_traceparent
+from resolver.errors import BadContext, BadRequest, HeadersTooLarge
+
+
+def bag(*values):
+    return parse_baggage(list(values), max_bytes=8192, max_members=64)
+
+
+def test_baggage_member_found_and_others_kept():
+    env, others = bag(b"a=1, stax.env=team-a;p=x", b"b=2")
+    assert env == b"team-a" and others == [b"a=1", b"b=2"]
+
+
+def test_baggage_percent_decoded_and_conflicts():
+    assert bag(b"stax.env=team%2Da")[0] == b"team-a"
+    with pytest.raises(BadContext):
+        bag(b"stax.env=a", b"stax.env=b")
+
+
+def test_baggage_limits():
+    with pytest.raises(HeadersTooLarge):
+        bag(b",".join(b"k%d=v" % i for i in range(65)))
+    with pytest.raises(HeadersTooLarge):
+        bag(b"k=" + b"v" * 9000)
+
+
+def test_traceparent():
+    good = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert parse_traceparent(good) == (b"4bf92f3577b34da6a3ce929d0e0e4736", b"00f067aa0ba902b7", b"01")
+    for bad in (b"", b"00-xyz", good.replace(b"4bf9", b"0000").replace(b"2f3577b34da6a3ce929d0e0e4736", b"0" * 28),
+                b"ff" + good[2:], good + b"-extra"):
+        assert parse_traceparent(bad) is None
+
+
+def test_cookie():
+    assert cookie_value(b"a=b; stax-env=team-a; c=d", b"stax-env") == b"team-a"
+    assert cookie_value(b"a=b", b"stax-env") is None
+
+
+@pytest.mark.parametrize("raw,want", [
+    (b"/a/b?x=1", b"/a/b?x=1"), (b"/a/./b", b"/a/b"), (b"/a/../../b", b"/b"),
+    (b"//a///b", b"/a/b"), (b"/%2e%2E/x", b"/x"), (b"/a/b/..", b"/a/"),
+])
+def test_normalize_path(raw, want):
+    assert normalize_path(raw) == want
+
+
+@pytest.mark.parametrize("raw", [b"/a%2fb", b"/a%5Cb", b"/%2F"])
+def test_encoded_separators_refused(raw):
+    with pytest.raises(BadRequest):
+        normalize_path(raw)
+
+
+@settings(max_examples=300, derandomize=True)
+@given(st.lists(st.sampled_from(["a", "b", ".", "..", "", "%2e", "%2E%2e"]), max_size=8))
+def test_normalized_paths_have_no_dot_segments(parts):
+    out = normalize_path(("/" + "/".join(parts)).encode())
+    segs = out.split(b"/")
+    assert out.startswith(b"/") and b"//" not in out
+    assert b"." not in segs and b".." not in segs
+    assert normalize_path(out) == out  # idempotent
