@@ -99,7 +99,7 @@ class RetryBudget:
     """Retries may add at most `ratio` extra requests per service over a sliding `window`,
     so retries cannot amplify an outage. A floor lets a quiet service retry at all."""
 
-    def __init__(self, *, ratio: float = 0.2, window_s: float = 10.0, min_retries: int = 3) -> None:
+    def __init__(self, *, ratio: float = 0.2, window_s: float = 10.0, min_retries: int = 10) -> None:
         self.ratio = ratio
         self.window = window_s
         self.min_retries = min_retries

@@ -46,8 +46,11 @@ class ProxyConfig:
     upstream_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    outlier_failures: int = 5
+    outlier_ejection: float = 30.0
     log_level: str = "info"
     access_log: bool = False
+    otel_traces_exporter: str | None = None  # from the standard OTEL_TRACES_EXPORTER
 
     def host_port(self, which: str) -> tuple[str, int]:
         return split_host_port(getattr(self, which))
@@ -92,7 +95,10 @@ _HELP = {
     "upstream_ca": "CA bundle for https:// endpoints (default: system trust store)",
     "tls_cert": "gateway: certificate for edge TLS",
     "tls_key": "gateway: private key for edge TLS",
+    "outlier_failures": "consecutive failures that eject an endpoint",
+    "outlier_ejection": "base ejection seconds (times the endpoint's ejection count)",
     "log_level": "debug | info | warning | error",
+    "otel_traces_exporter": "span exporter: console | otlp | none (also the standard OTEL_TRACES_EXPORTER)",
     "access_log": "log one JSON line per request (off: it costs on the hot path)",
 }
 
@@ -159,6 +165,8 @@ def config_from_args(args: argparse.Namespace, mode: str, environ: dict | None =
             if isinstance(getattr(cfg, name), list) and isinstance(value, str):
                 value = [v for v in value.split(",") if v]
             setattr(cfg, name, value)
+    if cfg.otel_traces_exporter is None and environ.get("OTEL_TRACES_EXPORTER"):
+        cfg.otel_traces_exporter = environ["OTEL_TRACES_EXPORTER"]
     _validate(cfg)
     return cfg
 

@@ -24,6 +24,7 @@ class Request:
         "env", "service", "route", "hops", "trace_id", "span_id", "trace_flags",
         "baggage", "started", "host", "expect_continue", "hop_names",
         "h_baggage", "h_env", "h_traceparent", "h_hops", "h_cookie", "h_xff", "h_xfp",
+        "h_upgrade", "span",
     )
 
     def __init__(self, method: bytes, target: bytes, version: str, headers: list,
@@ -39,7 +40,7 @@ class Request:
         self.started = started
         self.chunked = False
         self.content_length: int | None = None
-        self.upgrade = False
+        self.upgrade: bytes | None = None  # the Upgrade header of a `Connection: upgrade` request
         self.env: str | None = None
         self.service: str | None = None
         self.route = None
@@ -58,6 +59,7 @@ class Request:
         self.h_cookie: bytes | None = None
         self.h_xff: bytes | None = None
         self.h_xfp: bytes | None = None
+        self.span = None  # OpenTelemetry server span, only when tracing is configured
 
     def __repr__(self) -> str:
         return (f"<Request {self.method.decode()} {self.path.decode('latin-1')} "

@@ -39,7 +39,8 @@ class Listener:
         self.stats = Stats(name)
         self.tls = tls
         self.forwarder = Forwarder(rt.pool, rt.health, self.stats, rt.budget, mode=name,
-                                   add_xfp=b"https" if tls else b"http")
+                                   add_xfp=b"https" if tls else b"http", tracing=rt.tracing)
+        self.tracing = rt.tracing
         self.server: asyncio.base_events.Server | None = None
         self.admit = rt.admission.admit
         self.release = rt.admission.release
@@ -77,14 +78,25 @@ class Listener:
 
 
 class Runtime:
-    def __init__(self, config: ProxyConfig, *, cell: SnapshotCell | None = None) -> None:
+    def __init__(self, config: ProxyConfig, *, cell: SnapshotCell | None = None,
+                 tracer_provider=None) -> None:
         self.config = config
+        if tracer_provider is None:
+            from .otel import provider_from_config
+
+            tracer_provider = provider_from_config(config.otel_traces_exporter)
+        self.tracing = None
+        if tracer_provider is not None:
+            from .otel import Tracing
+
+            self.tracing = Tracing(tracer_provider)
         self.cell = cell or SnapshotCell()
         self.pool = UpstreamPool(max_idle_per_endpoint=config.pool_max_idle,
                                  idle_timeout=config.pool_idle_timeout,
                                  connect_timeout=config.connect_timeout,
                                  ssl_context=make_ssl_context(config.upstream_ca))
-        self.health = EndpointHealth()
+        self.health = EndpointHealth(consecutive_failures=config.outlier_failures,
+                                     base_ejection_s=config.outlier_ejection)
         self.budget = RetryBudget()
         self.admission = Admission(config.max_inflight)
         self.connections: set[ClientConnection] = set()

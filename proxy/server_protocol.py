@@ -47,7 +47,7 @@ class ClientConnection(asyncio.Protocol):
         self.paused: set[str] = set()
         self.deadline = 0.0  # header-read or keep-alive deadline, checked by the sweeper
         self.error: StaxError | None = None
-        self.discard_body = False
+        self.tunnel = None  # the Exchange relaying raw bytes after an Upgrade
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.peer} exchange={self.exchange!r} queued={len(self.queue)}>"
@@ -63,10 +63,23 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self.tunnel is not None:
+            self.tunnel.client_data(data)
+            return
         try:
             self.parser.feed_data(data)
-        except HttpParserUpgrade:
-            pass  # Upgrade requests are forwarded as plain requests until tunnelling lands
+        except HttpParserUpgrade as exc:
+            # llhttp stops after an Upgrade (or CONNECT) head; what follows is not HTTP.
+            ex = self.exchange
+            if ex is not None and ex.req.upgrade is not None:
+                self.tunnel = ex
+                rest = data[exc.args[0]:] if exc.args else b""
+                if rest:
+                    ex.client_data(rest)
+            elif self.exchange is None and not self.closed:
+                self.closed = True
+                self.transport.close()
+            return
         except HttpParserError as exc:
             err = self.error or BadRequest(f"malformed request: {_parser_reason(exc)}")
             self.error = None
@@ -89,6 +102,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.server.connections.discard(self)
+        if self.tunnel is not None:
+            self.tunnel.tunnel_closed()
+            return
         if self.exchange is not None:
             self.exchange.client_lost()
             self.exchange = None
@@ -188,6 +204,8 @@ class ClientConnection(asyncio.Protocol):
         try:
             for stage in srv.stages:
                 stage(req)
+            if srv.tracing is not None:
+                req.span = srv.tracing.server_span(req, srv.name)
             if req.expect_continue and req.has_body and chunks is None:
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.exchange = srv.forwarder.start(self, req)
@@ -213,6 +231,13 @@ class ClientConnection(asyncio.Protocol):
         else:
             close = False
         self.server.stats.observe(req.route, err.status, time.monotonic() - req.started)
+        if self.server.tracing is not None:
+            from .otel import end_span
+
+            if req.span is None:
+                req.span = self.server.tracing.server_span(req, self.server.name)
+            end_span(req.span, err.status, err.code)
+            req.span = None
         route = req.route.header if req.route is not None else None
         self.send_error(req, err, close=close or not req.keep_alive, route_header=route)
         if not close and body_pending:
@@ -240,6 +265,13 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
             return
         self._next()
+
+    def tunnel_done(self, ex) -> None:
+        self.tunnel = None
+        self.exchange = None
+        self.server.release()
+        self.closed = True
+        self.transport.close()
 
     def exchange_failed(self, ex, err: StaxError) -> None:
         self.exchange = None

@@ -14,7 +14,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "key", "transport", "parser", "exchange", "closed", "idle", "idle_since",
         "headers", "interim", "no_body", "reset_parser", "uses", "got_bytes", "head_done",
-        "eof_body",
+        "eof_body", "tunnel",
     )
 
     def __init__(self, pool, key: str) -> None:
@@ -34,6 +34,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = False
         self.head_done = False
         self.eof_body = False
+        self.tunnel = None  # after a 101: the Exchange relaying raw bytes both ways
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("idle" if self.idle else "active")
@@ -58,6 +59,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport = transport
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.upstream_data(data)
+            return
         ex = self.exchange
         if ex is None:  # bytes on an idle connection: the stream is out of sync, drop it
             self.closed = True
@@ -69,6 +73,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
             ex.on_upgrade(self, data[exc.args[0]:] if exc.args else b"")
+            return
         except HttpParserError as exc:
             self.closed = True
             ex.upstream_failed(UpstreamBadResponse(f"malformed upstream response: {exc}"), self)
@@ -79,6 +84,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
+        if self.tunnel is not None:
+            self.tunnel.tunnel_closed()
+            return
         ex = self.exchange
         if ex is None:
             if self.idle:
@@ -121,6 +129,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self.interim:
             self.interim = False
             return
-        if self.no_body:
-            return
+        if self.no_body or self.parser.get_status_code() == 101:
+            return  # HEAD: already complete; 101: the tunnel starts in on_upgrade
         self.exchange.on_response_complete(self, self.parser.should_keep_alive())

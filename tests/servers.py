@@ -122,12 +122,12 @@ async def proxies():
     """proxies(mode, **config) -> a started in-process Runtime; stopped at the end."""
     started = []
 
-    async def make(mode: str, **kw):
+    async def make(mode: str, *, tracer_provider=None, **kw):
         kw.setdefault("listen", "127.0.0.1:0")
         kw.setdefault("admin", "127.0.0.1:0")
         if mode == "sidecar":
             kw.setdefault("egress", "127.0.0.1:0")
-        rt = await start(ProxyConfig(mode=mode, **kw))
+        rt = await start(ProxyConfig(mode=mode, **kw), tracer_provider=tracer_provider)
         started.append(rt)
         return rt
 

@@ -28,7 +28,9 @@ _NO_BODY_STATUS = frozenset({204, 304})
 class Forwarder:
     """Shared state of the terminal stage: pool, balancing, health, metrics hooks."""
 
-    def __init__(self, pool, health, stats, budget, *, mode: str, add_xfp: bytes) -> None:
+    def __init__(self, pool, health, stats, budget, *, mode: str, add_xfp: bytes,
+                 tracing=None) -> None:
+        self.tracing = tracing
         self.pool = pool
         self.health = health
         self.stats = stats
@@ -48,6 +50,7 @@ class Exchange:
         "fw", "client", "req", "route", "head", "body", "body_bytes", "body_done",
         "body_streamed", "conn", "attempt", "tried", "timer", "responded", "done", "resp_chunked",
         "resp_close", "status", "t0", "last_activity", "idle_timer", "endpoint", "connecting",
+        "tunnel", "early", "cspan",
     )
 
     def __init__(self, fw: Forwarder, client, req: Request) -> None:
@@ -74,6 +77,9 @@ class Exchange:
         self.last_activity = self.t0
         self.endpoint = None
         self.connecting = None
+        self.tunnel = False
+        self.early: list[bytes] = []  # client bytes after an Upgrade head, before the 101
+        self.cspan = None  # OpenTelemetry client span of the current attempt
 
     def __repr__(self) -> str:
         return f"<Exchange {self.req!r} attempt={self.attempt} responded={self.responded}>"
@@ -84,11 +90,23 @@ class Exchange:
         self.endpoint = ep
         self.tried.append(ep)
         self.attempt += 1
+        if self.fw.tracing is not None:
+            self._trace_attempt(ep)
         conn = self.fw.pool.acquire_idle(ep)
         if conn is not None:
             self._attach(conn)
         else:
             self.connecting = asyncio.ensure_future(self._connect(ep))
+
+    def _trace_attempt(self, ep) -> None:
+        from ..otel import end_span
+
+        if self.cspan is not None:
+            end_span(self.cspan, 502, "attempt failed; retrying")
+        old = self.req.span_id
+        self.cspan, span_id = self.fw.tracing.client_span(self.req.span, self.route, ep, self.attempt)
+        self.head = self.head.replace(b"-" + old + b"-", b"-" + span_id + b"-", 1)
+        self.req.span_id = span_id
 
     async def _connect(self, ep) -> None:
         try:
@@ -223,9 +241,12 @@ class Exchange:
             out.append(name + b": " + value + b"\r\n")
         if extra_hop:
             out = [line for line in out if line.split(b":", 1)[0].lower() not in extra_hop]
+        if status == 101:
+            upgrade = next((v for n, v in headers if n.lower() == b"upgrade"), b"")
+            out.append(b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n")
         route_value = self.route.header if theirs is None else self.route.header + b"," + theirs
         out.append(b"x-stax-route: " + route_value + b"\r\n")
-        no_body = req.method == b"HEAD" or status in _NO_BODY_STATUS
+        no_body = req.method == b"HEAD" or status in _NO_BODY_STATUS or status == 101
         if no_body:
             if length is not None:
                 out.append(b"content-length: " + length + b"\r\n")
@@ -240,13 +261,17 @@ class Exchange:
                 out.append(b"transfer-encoding: chunked\r\n")
             else:
                 client.close_after = True
-        if client.close_after or not req.keep_alive or client.server.draining:
+        if req.upgrade is not None and status != 101:
+            client.close_after = True  # the client's parser stopped at the Upgrade head
+        if status == 101:
+            pass
+        elif client.close_after or not req.keep_alive or client.server.draining:
             client.close_after = True
             out.append(b"connection: close\r\n")
         out.append(b"\r\n")
         self.responded = True
         client.write(b"".join(out))
-        if not no_body and self.route.idle_timeout_s:
+        if not no_body:
             self._arm_idle()
 
     def on_response_body(self, chunk: bytes) -> None:
@@ -269,9 +294,47 @@ class Exchange:
             self.fw.pool.discard(conn)
         self._finish()
 
+    # -- Upgrade (WebSocket and friends): after a 101, a byte tunnel both ways -----------------
     def on_upgrade(self, conn, rest: bytes) -> None:
-        # Tunnelling (101) arrives with the resilience issue; until then refuse cleanly.
-        self.upstream_failed(UpstreamBadResponse("upstream switched protocols (not supported)"), conn)
+        if self.status != 101 or self.req.upgrade is None:
+            self.upstream_failed(UpstreamBadResponse("upstream switched protocols unasked"), conn)
+            return
+        self.tunnel = True
+        conn.tunnel = self
+        self.client.tunnel = self
+        self.last_activity = time.monotonic()
+        if rest:
+            self.client.write(rest)
+        for chunk in self.early:
+            conn.transport.write(chunk)
+        self.early = []
+        self._arm_idle()
+
+    def client_data(self, data: bytes) -> None:
+        """Raw client bytes once the client parser has handed over (after an Upgrade head)."""
+        self.last_activity = time.monotonic()
+        if self.tunnel:
+            self.conn.transport.write(data)
+        else:
+            self.early.append(data)
+
+    def upstream_data(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        self.client.write(data)
+
+    def tunnel_closed(self) -> None:
+        """Either side of a tunnel closed: close the other, count the request once."""
+        if self.done:
+            return
+        self._cancel_timers()
+        self.done = True
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            conn.tunnel = None
+            self.fw.pool.discard(conn)
+        self.fw.stats.observe(self.route, 101, time.monotonic() - self.t0)
+        self.client.tunnel_done(self)
 
     def upstream_failed(self, err: StaxError, conn) -> None:
         if self.done:
@@ -306,6 +369,10 @@ class Exchange:
             return
         idle = time.monotonic() - self.last_activity
         if idle >= self.route.idle_timeout_s:
+            if self.tunnel:
+                self.client.abort()
+                self.tunnel_closed()
+                return
             if self.conn is not None:
                 self.fw.pool.discard(self.conn)
                 self.conn = None
@@ -330,6 +397,8 @@ class Exchange:
     def _finish(self) -> None:
         self.done = True
         self.fw.stats.observe(self.route, self.status, time.monotonic() - self.t0)
+        if self.fw.tracing is not None:
+            self._end_spans(self.status, None)
         self.client.exchange_done(self)
 
     def _fail(self, err: StaxError) -> None:
@@ -337,16 +406,31 @@ class Exchange:
         self.done = True
         self.status = err.status
         self.fw.stats.observe(self.route, err.status, time.monotonic() - self.t0)
+        if self.fw.tracing is not None:
+            self._end_spans(err.status, err.code)
         self.client.exchange_failed(self, err)
 
     def _abort_client(self) -> None:
         self._cancel_timers()
         self.done = True
         self.fw.stats.observe(self.route, 502, time.monotonic() - self.t0)
+        if self.fw.tracing is not None:
+            self._end_spans(502, "response aborted")
         self.client.abort()
+
+    def _end_spans(self, status: int, error: str | None) -> None:
+        from ..otel import end_span
+
+        end_span(self.cspan, status, error)
+        self.cspan = None
+        end_span(self.req.span, status, error)
+        self.req.span = None
 
     def client_lost(self) -> None:
         """The client went away: drop the upstream side, never reuse it."""
+        if self.tunnel:
+            self.tunnel_closed()
+            return
         if self.done:
             return
         self._cancel_timers()
@@ -397,6 +481,8 @@ def _request_head(req: Request, xfp: bytes) -> bytes:
         % (env, baggage, req.trace_id, req.span_id, req.trace_flags, req.hops, xff,
            req.h_xfp or xfp)
     )
+    if req.upgrade is not None:
+        out.append(b"connection: upgrade\r\nupgrade: " + req.upgrade + b"\r\n")
     if req.chunked:
         out.append(b"transfer-encoding: chunked\r\n")
     elif req.content_length is not None:

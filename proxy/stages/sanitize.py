@@ -23,6 +23,8 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
         content_length = None
         te = None
         drop = False
+        upgrade = None
+        conn_upgrade = False
         for name, _, value in headers:
             if name == b"host":
                 if req.host is not None and value != req.host:
@@ -36,8 +38,11 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
                 te = value if te is None else te + b"," + value
             elif name == b"connection":
                 tokens = {t.strip().lower() for t in value.split(b",")} - {b""}
+                conn_upgrade = conn_upgrade or b"upgrade" in tokens
                 if tokens - {b"close", b"keep-alive", b"upgrade"}:
                     req.hop_names = req.hop_names | tokens
+            elif name == b"upgrade":
+                upgrade = value
             elif name == b"baggage":
                 req.h_baggage.append(value)
             elif name == b"x-stax-env":
@@ -61,6 +66,8 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
                     req.expect_continue = True
             elif strip_internal and name.startswith(b"x-stax-"):
                 drop = True
+        if conn_upgrade and upgrade:
+            req.upgrade = upgrade
         if te is not None:
             if content_length is not None:
                 raise BadRequest("both Content-Length and Transfer-Encoding")

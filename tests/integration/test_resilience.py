@@ -1,0 +1,287 @@
+"""Timeouts, retries, the retry budget, outlier ejection, overload, WebSocket tunnels, TLS,
+tracing across a chain, and graceful drain — each against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+import subprocess
+import sys
+import time
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.integration.test_streaming import wait_ready
+from tests.servers import free_port, port_of, write_graph
+
+pytestmark = pytest.mark.asyncio
+
+
+def graph(services: dict, config: dict | None = None) -> dict:
+    return {"baseline": "base", "envs": {"base": {
+        "services": {name: {"endpoints": eps} for name, eps in services.items()},
+        "config": config or {}}}}
+
+
+def dead_addr() -> str:
+    return f"127.0.0.1:{free_port()}"  # nothing listens there: connect is refused
+
+
+async def gateway(proxies, tmp_path, doc, **kw):
+    rt = await proxies("gateway", graph=write_graph(tmp_path / "g.yaml", doc), **kw)
+    return rt, f"http://127.0.0.1:{port_of(rt, 'gateway')}"
+
+
+async def test_slow_upstream_gets_504_at_timeout(tmp_path, proxies, upstreams):
+    (up,) = await upstreams("slow")
+    rt, url = await gateway(proxies, tmp_path, graph({"svc": [up.addr]}, {"svc.timeout_ms": 300}))
+    async with aiohttp.ClientSession() as s:
+        t0 = time.monotonic()
+        async with s.get(url + "/slow?ms=3000", headers={"Host": "svc"}) as r:
+            assert r.status == 504 and r.headers["x-stax-error"] == "upstream_timeout"
+        assert time.monotonic() - t0 < 2.5  # answered by the timeout, not by the upstream
+
+
+async def test_retry_lands_on_healthy_endpoint(tmp_path, proxies, upstreams):
+    (up,) = await upstreams("ok")
+    rt, url = await gateway(proxies, tmp_path, graph({"svc": [dead_addr(), up.addr]}))
+    async with aiohttp.ClientSession() as s:
+        for _ in range(6):
+            async with s.get(url + "/", headers={"Host": "svc"}) as r:
+                assert r.status == 200 and r.headers["x-upstream"] == "ok"
+    assert len(up.seen) == 6
+
+
+async def test_no_retry_of_post(tmp_path, proxies, upstreams):
+    (up,) = await upstreams("ok")
+    rt, url = await gateway(proxies, tmp_path, graph({"svc": [dead_addr(), up.addr]}))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + "/", data=b"x", headers={"Host": "svc"}) as r:
+            assert r.status == 502 and r.headers["x-stax-error"] == "upstream_unavailable"
+    assert up.seen == []  # the POST was not replayed on the other endpoint
+
+
+async def test_retry_budget_caps_extra_attempts(tmp_path, proxies):
+    attempts = {"n": 0}
+
+    async def reset(reader, writer):  # accepts, then resets before any response byte
+        attempts["n"] += 1
+        writer.transport.abort()
+
+    servers = [await asyncio.start_server(reset, "127.0.0.1", 0) for _ in range(2)]
+    addrs = [f"127.0.0.1:{s.sockets[0].getsockname()[1]}" for s in servers]
+    rt, url = await gateway(proxies, tmp_path, graph({"svc": addrs}, {"svc.retries": 3}),
+                            outlier_failures=10_000)
+    n = 60
+    async with aiohttp.ClientSession() as s:
+        for _ in range(n):
+            async with s.get(url + "/", headers={"Host": "svc"}) as r:
+                assert r.status == 502
+    assert n < attempts["n"] <= n * 1.2 + 10  # some retries, never more than the budget (20%, floor 10)
+    assert rt.budget.exhausted_total > 0
+    for srv in servers:
+        srv.close()
+
+
+async def test_outlier_ejection_and_readmission(tmp_path, proxies, upstreams):
+    a, b, c = await upstreams("a", "b", "c")
+    rt, url = await gateway(proxies, tmp_path, graph({"svc": [a.addr, b.addr, c.addr]}),
+                            outlier_ejection=1.0)
+    port_c = c.port
+    await c.stop()
+    async with aiohttp.ClientSession() as s:
+        for _ in range(30):  # retries hide the dead endpoint from clients
+            async with s.get(url + "/", headers={"Host": "svc"}) as r:
+                assert r.status == 200
+        assert rt.health.ejected_by_service() == {"svc": 1}
+        admin = f"http://127.0.0.1:{rt.admin_port}/metrics"
+        async with s.get(admin) as r:
+            assert 'stax_endpoint_ejected{service="svc"} 1.0' in await r.text()
+        await c.start(port_c)
+        await asyncio.sleep(1.2)  # past the ejection period
+        for _ in range(9):
+            async with s.get(url + "/", headers={"Host": "svc"}) as r:
+                assert r.status == 200
+    assert len(c.seen) > 0  # re-admitted
+    assert rt.health.ejected_by_service() == {}
+
+
+async def test_overload_answers_503_while_admitted_requests_succeed(tmp_path, proxies, upstreams):
+    (up,) = await upstreams("slow")
+    rt, url = await gateway(proxies, tmp_path, graph({"svc": [up.addr]}), max_inflight=2)
+    async with aiohttp.ClientSession() as s:
+        async def slow():
+            async with s.get(url + "/slow?ms=800", headers={"Host": "svc"}) as r:
+                return r.status
+
+        admitted = [asyncio.ensure_future(slow()) for _ in range(2)]
+        while rt.inflight < 2:
+            await asyncio.sleep(0.01)
+        async with s.get(url + "/", headers={"Host": "svc"}) as r:
+            assert r.status == 503 and r.headers["x-stax-error"] == "overloaded"
+        assert await asyncio.gather(*admitted) == [200, 200]
+
+
+async def start_ws_echo():
+    async def ws_handler(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            await ws.send_str("echo:" + msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
+async def test_websocket_through_gateway_and_sidecar(tmp_path, proxies):
+    runner, ws_port = await start_ws_echo()
+    ingress = free_port()
+    path = write_graph(tmp_path / "g.yaml", graph({"chat": [f"127.0.0.1:{ingress}"]}))
+    await proxies("sidecar", graph=path, env="base", service="chat", app=f"127.0.0.1:{ws_port}",
+                  listen=f"127.0.0.1:{ingress}")
+    gw = await proxies("gateway", graph=path)
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(f"http://127.0.0.1:{port_of(gw, 'gateway')}/ws",
+                                headers={"Host": "chat"}) as ws:
+            assert ws._response.headers["x-stax-route"] == "chat=local:base@v1,chat=local:base@v1"
+            for i in range(3):
+                await ws.send_str(f"m{i}")
+                assert (await ws.receive_str()) == f"echo:m{i}"
+    for _ in range(50):
+        if gw.inflight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert gw.inflight == 0  # the tunnel's admission slot is released when it closes
+    await runner.cleanup()
+
+
+@pytest.fixture
+def ca():
+    trustme = pytest.importorskip("trustme", reason="trustme makes the test CA")
+    return trustme.CA()
+
+
+async def test_tls_upstream_and_tls_edge(tmp_path, proxies, ca):
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+    up_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_cert.configure_cert(up_ctx)
+
+    async def hello(request):
+        return web.Response(text=f"tls:{request.secure}")
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=up_ctx)
+    await site.start()
+    up_port = site._server.sockets[0].getsockname()[1]
+
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    server_cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    server_cert.private_key_pem.write_to_path(str(key_file))
+    rt, _ = await gateway(proxies, tmp_path, graph({"secure": [f"https://localhost:{up_port}"]}),
+                          upstream_ca=str(ca_file), tls_cert=str(cert_file), tls_key=str(key_file))
+    client_ctx = ssl.create_default_context(cafile=str(ca_file))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"https://localhost:{port_of(rt, 'gateway')}/", ssl=client_ctx,
+                         headers={"Host": "secure"}) as r:
+            assert r.status == 200 and await r.text() == "tls:True"
+        # a client that does not trust the CA is refused at the edge
+        with pytest.raises(aiohttp.ClientConnectorError):
+            async with s.get(f"https://localhost:{port_of(rt, 'gateway')}/", headers={"Host": "secure"}):
+                pass
+    await runner.cleanup()
+
+
+async def test_span_parentage_across_a_chain(tmp_path, proxies, upstreams):
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    (orders,) = await upstreams("orders")
+    web_in, web_out = free_port(), free_port()
+
+    async def web_app(request):  # forwards the context like OTel auto-instrumentation
+        fwd = {k: request.headers[k] for k in ("baggage", "traceparent") if k in request.headers}
+        async with aiohttp.ClientSession() as s:
+            async with s.get("http://orders/", proxy=f"http://127.0.0.1:{web_out}", headers=fwd) as r:
+                return web.Response(status=r.status)
+
+    app = web.Application()
+    app.router.add_get("/", web_app)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    app_port = site._server.sockets[0].getsockname()[1]
+    path = write_graph(tmp_path / "g.yaml", graph({"web": [f"127.0.0.1:{web_in}"], "orders": [orders.addr]}))
+    await proxies("sidecar", graph=path, env="base", service="web", app=f"127.0.0.1:{app_port}",
+                  listen=f"127.0.0.1:{web_in}", egress=f"127.0.0.1:{web_out}", tracer_provider=provider)
+    gw = await proxies("gateway", graph=path, tracer_provider=provider)
+    trace_id = "5b8efff798038103d269b633813fc60c"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port_of(gw, 'gateway')}/", headers={
+                "Host": "web", "traceparent": f"00-{trace_id}-eee19b7ec3c1b174-01"}) as r:
+            assert r.status == 200
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) >= {"stax gateway", "stax ingress", "stax egress", "stax forward web", "stax forward orders"}
+    assert {format(s.context.trace_id, "032x") for s in spans.values()} == {trace_id}
+    by_id = {s.context.span_id: s for s in exporter.get_finished_spans()}
+
+    def parent(span):
+        return by_id.get(span.parent.span_id) if span.parent else None
+
+    gw_server = spans["stax gateway"]
+    assert format(gw_server.parent.span_id, "016x") == "eee19b7ec3c1b174"
+    ingress, egress = spans["stax ingress"], spans["stax egress"]
+    assert parent(parent(ingress)) is gw_server  # gateway server -> gateway client -> ingress server
+    assert parent(parent(egress)) is ingress  # ingress server -> ingress client -> (app) -> egress server
+    orders_client = spans["stax forward orders"]
+    assert parent(orders_client) is egress
+    assert orders_client.attributes["stax.kind"] == "local" and orders_client.attributes["stax.retry"] == 0
+    assert orders.seen[-1]["headers"]["traceparent"].split("-")[2] == format(orders_client.context.span_id, "016x")
+    await runner.cleanup()
+
+
+async def test_sigterm_drains_in_flight_requests(tmp_path, upstreams):
+    (up,) = await upstreams("slow")
+    path = write_graph(tmp_path / "g.yaml", graph({"svc": [up.addr]}))
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "control.cli", "gateway", "--graph", path,
+                             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+                             "--drain-timeout", "10", "--log-level", "warning"], stderr=subprocess.PIPE)
+    try:
+        await wait_ready(admin, proc)
+        async with aiohttp.ClientSession() as s:
+            async def slow():
+                async with s.get(f"http://127.0.0.1:{port}/slow?ms=1000", headers={"Host": "svc"}) as r:
+                    return r.status, r.headers.get("connection", "").lower()
+
+            flights = [asyncio.ensure_future(slow()) for _ in range(5)]
+            while len(up.seen) < 5:
+                await asyncio.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.1)
+            async with s.get(f"http://127.0.0.1:{admin}/readyz") as r:
+                assert r.status == 503 and (await r.json())["draining"] is True
+            results = await asyncio.gather(*flights)
+        assert results == [(200, "close")] * 5
+        assert await asyncio.get_running_loop().run_in_executor(None, proc.wait, 10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
