@@ -183,6 +183,17 @@ def cmd_proxy(args, mode: str) -> int:
     return EXIT_OK
 
 
+def cmd_token(args) -> int:
+    from proxy.stages.policy import load_key, mint_token
+
+    try:
+        key = load_key(args.key)
+    except (OSError, ValueError) as exc:
+        raise _Usage(str(exc)) from None
+    _out(mint_token(key, args.env, args.ttl))
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -244,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(mode, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add_proxy_args(p, mode)
         p.set_defaults(func=lambda a, m=mode: cmd_proxy(a, m))
+
+    p = sub.add_parser("token", help="mint a signed env token (gateway --context-policy signed, private envs)")
+    p.add_argument("--key", required=True, metavar="FILE", help="the gateway's --env-token-key file")
+    p.add_argument("--env", required=True)
+    p.add_argument("--ttl", type=int, default=3600, help="seconds the token is valid (default: 3600)")
+    p.set_defaults(func=cmd_token)
 
     p = sub.add_parser("demo", help="start demo services, a gateway and sidecars, and show routing")
     p.add_argument("--redis", metavar="URL", help="run the demo over this Redis instead of a file")

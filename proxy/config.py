@@ -24,6 +24,8 @@ class ProxyConfig:
     env_host_suffix: str | None = None
     route_prefix: list[str] = field(default_factory=list)  # "/p=svc"
     context_policy: str = "open"
+    context_allow: list[str] = field(default_factory=list)
+    env_token_key: str | None = None
     trusted_proxies: list[str] = field(default_factory=list)
     # sidecar
     env: str | None = None
@@ -74,7 +76,9 @@ _HELP = {
     "default_env": "env of a request with no context (default: the graph's baseline)",
     "env_host_suffix": "read the env from Host: <service>.<env>.<suffix>",
     "route_prefix": "PATH=SERVICE; route by path prefix (repeatable; longest match wins)",
-    "context_policy": "which env context the edge honours",
+    "context_policy": "which env context the edge honours: open | allow-list | signed",
+    "context_allow": "allow-list policy: envs clients may ask for (comma-separated)",
+    "env_token_key": "file with the HMAC key of signed env tokens (signed policy, private envs)",
     "trusted_proxies": "peer IPs whose X-Forwarded-* headers are kept (comma-separated)",
     "env": "sidecar: this instance's env (and the env of requests with no context)",
     "service": "sidecar: the service this sidecar fronts",
@@ -103,7 +107,7 @@ _HELP = {
 }
 
 _GATEWAY_ONLY = {"default_env", "env_host_suffix", "route_prefix", "context_policy",
-                 "trusted_proxies", "tls_cert", "tls_key"}
+                 "context_allow", "env_token_key", "trusted_proxies", "tls_cert", "tls_key"}
 _SIDECAR_ONLY = {"env", "service", "app", "egress"}
 
 
@@ -125,7 +129,7 @@ def add_proxy_args(parser: argparse.ArgumentParser, mode: str) -> None:
         elif isinstance(default, list):
             parser.add_argument(flag, action="append", default=None, help=help_text)
         elif f.name == "context_policy":
-            parser.add_argument(flag, choices=["open"], default=None, help=help_text)
+            parser.add_argument(flag, choices=["open", "allow-list", "signed"], default=None, help=help_text)
         else:
             typ = type(default) if default is not None else str
             parser.add_argument(flag, type=typ, default=None, help=help_text)
@@ -199,5 +203,9 @@ def _validate(cfg: ProxyConfig) -> None:
             raise ValueError(f"--route-prefix {spec!r}: want /PATH=SERVICE")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
+    if cfg.context_policy == "allow-list" and not cfg.context_allow:
+        raise ValueError("--context-policy allow-list needs --context-allow E1,E2")
+    if cfg.context_policy == "signed" and not cfg.env_token_key:
+        raise ValueError("--context-policy signed needs --env-token-key FILE")
     if cfg.max_hops < 1:
         raise ValueError("--max-hops must be >= 1")

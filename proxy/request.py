@@ -12,6 +12,7 @@ HOP_BY_HOP = frozenset({
 REWRITTEN = frozenset({
     b"content-length", b"baggage", b"x-stax-env", b"traceparent", b"x-stax-hops",
     b"x-forwarded-for", b"x-forwarded-proto", b"expect",
+    b"x-stax-env-token",  # a credential for the edge: never forwarded
 })
 
 

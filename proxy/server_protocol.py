@@ -229,7 +229,8 @@ class ClientConnection(asyncio.Protocol):
         if body_pending and (req.content_length or 0) > 1 << 20 or req.chunked and body_pending:
             close = True  # not worth reading a large or unbounded body just to keep the connection
         else:
-            close = False
+            # a head we could not make sense of: framing may be ambiguous too, so do not reuse
+            close = isinstance(err, (BadRequest, HeadersTooLarge))
         self.server.stats.observe(req.route, err.status, time.monotonic() - req.started)
         if self.server.tracing is not None:
             from .otel import end_span

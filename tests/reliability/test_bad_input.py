@@ -1,0 +1,196 @@
+"""Bad input and hostile clients at a real gateway: a clear 4xx, nothing reaches an
+upstream that should not, the proxy keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+
+from proxy.stages.policy import mint_token
+from tests.servers import port_of, raw_request, write_graph
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest.fixture
+async def edge(tmp_path, upstreams, proxies):
+    web, other = await upstreams("web", "other")
+    doc = {"baseline": "base", "envs": {
+        "base": {"services": {"web": {"endpoints": [web.addr]}, "api": {"endpoints": [other.addr]}}},
+        "team-a": {"parent": "base"},
+        "secret": {"parent": "base", "private": True}}}
+    path = write_graph(tmp_path / "g.yaml", doc)
+    rt = await proxies("gateway", graph=path, route_prefix=["/api=api"], trusted_proxies=["10.0.0.9"])
+    yield {"rt": rt, "port": port_of(rt, "gateway"), "web": web, "other": other, "path": path}
+
+
+async def still_serves(edge) -> None:
+    out = await raw_request(edge["port"], b"GET /ok HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200"), out[:100]
+
+
+@pytest.mark.parametrize("raw,status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET / HTTP/9.9\r\nHost: web\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: web\r\nBad\x01Name: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: web\r\nX: a\x00b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: web\r\n" + b"".join(b"x-h%d: v\r\n" % i for i in range(120)) + b"\r\n", 431),
+    (b"GET / HTTP/1.1\r\nHost: web\r\nHost: api\r\n\r\n", 400),
+    (b"GET /a%2fb HTTP/1.1\r\nHost: web\r\n\r\n", 400),
+    (b"GET /a%5Cb HTTP/1.1\r\nHost: web\r\n\r\n", 400),
+])
+async def test_malformed_requests(edge, raw, status):
+    out = await raw_request(edge["port"], raw, read_timeout=2)
+    assert out.startswith(b"HTTP/1.1 %d" % status), out[:120]
+    assert b"x-stax-error:" in out
+    assert edge["web"].seen == []
+    await still_serves(edge)
+
+
+@pytest.mark.parametrize("attack", [
+    # CL.TE and TE.CL: both framings present
+    b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n"
+    b"5c\r\nGET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n0\r\n\r\n",
+    # duplicate, differing Content-Length
+    b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 0\r\nContent-Length: 44\r\n\r\n"
+    b"GET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n",
+    # obfuscated Transfer-Encoding
+    b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n"
+    b"GET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n",
+    # bad chunk size
+    b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+    b"GET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n",
+])
+async def test_request_smuggling_never_reaches_upstream_as_two_requests(edge, attack):
+    out = await raw_request(edge["port"], attack, read_timeout=2)
+    assert out.startswith(b"HTTP/1.1 400"), out[:120]
+    await asyncio.sleep(0.1)
+    assert not any(r["path"] == "/smuggled" for r in edge["web"].seen)
+    await still_serves(edge)
+
+
+async def test_pipelined_requests_are_answered_in_order(edge):
+    out = await raw_request(edge["port"], b"GET /1 HTTP/1.1\r\nHost: web\r\n\r\n"
+                            b"GET /2 HTTP/1.1\r\nHost: api\r\n\r\n"
+                            b"GET /3 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+    assert out.count(b"HTTP/1.1 200") == 3
+    assert out.index(b'"path":"/1"') < out.index(b'"path":"/2"') < out.index(b'"path":"/3"')
+
+
+async def test_path_normalized_before_prefix_routing(edge):
+    # /web/../api/x must route as /api/x (to api), and the normalized path goes upstream
+    out = await raw_request(edge["port"], b"GET /web/../api/x/./y HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200") and b"x-stax-route: api=local:base@v1" in out
+    assert edge["other"].seen[-1]["path"] == "/api/x/y"
+    out = await raw_request(edge["port"], b"GET /%2e%2e/%2E%2e/api HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+    assert b"x-stax-route: api=local:base@v1" in out
+    assert edge["other"].seen[-1]["path"] == "/api"
+
+
+async def test_no_ssrf_via_absolute_form_or_host(edge):
+    for target, host in ((b"http://127.0.0.1:6379/", b"web"), (b"http://169.254.169.254/latest", b"web"),
+                         (b"http://user@web/", b"web"), (b"/", b"127.0.0.1:22"), (b"/", b"[::1]:80")):
+        out = await raw_request(edge["port"], b"GET " + target + b" HTTP/1.1\r\nHost: " + host +
+                                b"\r\nConnection: close\r\n\r\n", read_timeout=2)
+        assert out.startswith(b"HTTP/1.1 404"), (target, host, out[:150])
+    # absolute-form naming a real service routes to its provider, never to the named host:port
+    out = await raw_request(edge["port"], b"GET http://web:6379/x HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200") and edge["web"].seen[-1]["path"] == "/x"
+
+
+async def test_internal_headers_stripped_and_forwarded_trust(edge):
+    out = await raw_request(edge["port"], b"GET / HTTP/1.1\r\nHost: web\r\nx-stax-mirror: 1\r\n"
+                            b"x-stax-route: evil\r\nx-stax-hops: 3\r\nx-forwarded-for: 6.6.6.6\r\n"
+                            b"x-forwarded-proto: https\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200")
+    h = edge["web"].seen[-1]["headers"]
+    assert "x-stax-mirror" not in h and "x-stax-route" not in h
+    assert h["x-stax-hops"] == "4"  # never stripped or lowered
+    assert h["x-forwarded-for"] == "127.0.0.1" and h["x-forwarded-proto"] == "http"
+
+
+async def test_trusted_proxy_keeps_forwarded_headers(tmp_path, upstreams, proxies):
+    (web,) = await upstreams("web")
+    path = write_graph(tmp_path / "g.yaml", {"baseline": "b", "envs": {"b": {"services": {"web": {"endpoints": [web.addr]}}}}})
+    rt = await proxies("gateway", graph=path, trusted_proxies=["127.0.0.1"])
+    await raw_request(port_of(rt, "gateway"), b"GET / HTTP/1.1\r\nHost: web\r\nx-forwarded-for: 6.6.6.6\r\n"
+                      b"x-forwarded-proto: https\r\nConnection: close\r\n\r\n")
+    h = web.seen[-1]["headers"]
+    assert h["x-forwarded-for"] == "6.6.6.6, 127.0.0.1" and h["x-forwarded-proto"] == "https"
+
+
+async def test_private_env_needs_a_token(edge):
+    out = await raw_request(edge["port"], b"GET / HTTP/1.1\r\nHost: web\r\nx-stax-env: secret\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 403") and b"forbidden_context" in out
+    assert edge["web"].seen == []
+
+
+async def test_allow_list_policy(tmp_path, upstreams, proxies):
+    (web,) = await upstreams("web")
+    path = write_graph(tmp_path / "g.yaml", {"baseline": "b", "envs": {
+        "b": {"services": {"web": {"endpoints": [web.addr]}}}, "ok": {"parent": "b"}, "no": {"parent": "b"}}})
+    rt = await proxies("gateway", graph=path, context_policy="allow-list", context_allow=["ok"])
+    async with aiohttp.ClientSession() as s:
+        url = f"http://127.0.0.1:{port_of(rt, 'gateway')}/"
+        for env, status in (("ok", 200), ("no", 403), (None, 200)):
+            headers = {"Host": "web", **({"x-stax-env": env} if env else {})}
+            async with s.get(url, headers=headers) as r:
+                assert r.status == status, env
+
+
+async def test_signed_policy(tmp_path, upstreams, proxies):
+    (web,) = await upstreams("web")
+    key_file = tmp_path / "key"
+    key_file.write_bytes(b"k" * 32)
+    path = write_graph(tmp_path / "g.yaml", {"baseline": "b", "envs": {
+        "b": {"services": {"web": {"endpoints": [web.addr]}}}, "team-a": {"parent": "b"},
+        "secret": {"parent": "b", "private": True}}})
+    rt = await proxies("gateway", graph=path, context_policy="signed", env_token_key=str(key_file))
+    url = f"http://127.0.0.1:{port_of(rt, 'gateway')}/"
+    good = mint_token(b"k" * 32, "team-a", 60)
+    cases = [
+        ({"x-stax-env": "team-a"}, 403),
+        ({"x-stax-env": "team-a", "x-stax-env-token": good}, 200),
+        ({"x-stax-env": "team-a", "Cookie": f"stax-env-token={good}"}, 200),
+        ({"x-stax-env": "secret", "x-stax-env-token": good}, 403),  # token for another env
+        ({"x-stax-env": "team-a", "x-stax-env-token": mint_token(b"k" * 32, "team-a", -5)}, 403),
+        ({"x-stax-env": "team-a", "x-stax-env-token": good[:-2] + "00"}, 403),
+        ({"x-stax-env": "secret", "x-stax-env-token": mint_token(b"k" * 32, "secret", 60)}, 200),
+        ({}, 200),  # the default env needs nothing
+    ]
+    async with aiohttp.ClientSession() as s:
+        for headers, status in cases:
+            async with s.get(url, headers={"Host": "web", **headers}) as r:
+                assert r.status == status, (headers, await r.text())
+    assert all("x-stax-env-token" not in r["headers"] for r in web.seen)  # never forwarded
+
+
+async def test_slowloris_is_cut_off_and_others_keep_being_served(tmp_path, upstreams, proxies):
+    (web,) = await upstreams("web")
+    path = write_graph(tmp_path / "g.yaml", {"baseline": "b", "envs": {"b": {"services": {"web": {"endpoints": [web.addr]}}}}})
+    rt = await proxies("gateway", graph=path, header_timeout=1.0)
+    port = port_of(rt, "gateway")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    t0 = time.monotonic()
+    got = b""
+    for ch in b"GET / HTTP/1.1\r\nHost: web\r\nX-Slow: " + b"a" * 40:
+        writer.write(bytes([ch]))
+        try:
+            got = await asyncio.wait_for(reader.read(4096), 0.1)
+        except TimeoutError:
+            continue
+        break
+    assert got.startswith(b"HTTP/1.1 408") and b"request_timeout" in got
+    assert time.monotonic() - t0 < 4  # cut off by the deadline, not by the client giving up
+    await still_serves({"port": port})
+    writer.close()
+    for _ in range(50):
+        if len(rt.connections) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert len(rt.connections) == 0
