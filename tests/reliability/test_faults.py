@@ -1,0 +1,180 @@
+"""Faults, measured: broken upstreams, clients that vanish at each stage, Redis killed under
+load. Each test states the outcome it proves."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import aiohttp
+import pytest
+
+from resolver.sources.redis_store import RedisStore
+from tests.servers import port_of, write_graph
+
+pytestmark = pytest.mark.asyncio
+
+
+async def raw_upstream(script: bytes, *, close: str = "close"):
+    """A TCP upstream that reads a request head, writes `script`, then closes or resets."""
+    state = {"conns": 0}
+
+    async def handle(reader, writer):
+        state["conns"] += 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        writer.write(script)
+        await writer.drain()
+        if close == "reset":
+            writer.transport.abort()
+        elif close == "close":
+            writer.close()
+        else:  # stall
+            await asyncio.sleep(30)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}", state
+
+
+async def gw_for(proxies, tmp_path, addr: str, **config):
+    doc = {"baseline": "b", "envs": {"b": {"services": {"svc": {"endpoints": [addr]}},
+                                           "config": config}}}
+    rt = await proxies("gateway", graph=write_graph(tmp_path / "g.yaml", doc))
+    return rt, f"http://127.0.0.1:{port_of(rt, 'gateway')}/"
+
+
+@pytest.mark.parametrize("garbage", [
+    b"NOT HTTP AT ALL\r\n\r\n",
+    b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",  # bare LF
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok",  # invalid framing
+    b"HTTP/1.1 2000 Weird\r\n\r\n",
+])
+async def test_garbage_response_is_502_bad_response(tmp_path, proxies, garbage):
+    server, addr, _ = await raw_upstream(garbage)
+    rt, url = await gw_for(proxies, tmp_path, addr, **{"svc.retries": 0})
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers={"Host": "svc"}) as r:
+            assert r.status == 502 and r.headers["x-stax-error"] == "upstream_bad_response"
+    assert rt.pool.idle_count == 0  # that connection is never reused
+    server.close()
+
+
+async def test_short_body_aborts_the_client(tmp_path, proxies):
+    server, addr, state = await raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-ten!!", close="reset")
+    rt, url = await gw_for(proxies, tmp_path, addr)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers={"Host": "svc"}) as r:
+            assert r.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):  # a short body never looks complete
+                await r.read()
+        assert rt.pool.idle_count == 0 and rt.pool.active == 0
+    server.close()
+
+
+async def test_reset_before_response_is_502_unavailable(tmp_path, proxies):
+    server, addr, state = await raw_upstream(b"", close="reset")
+    rt, url = await gw_for(proxies, tmp_path, addr)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers={"Host": "svc"}) as r:
+            assert r.status == 502 and r.headers["x-stax-error"] == "upstream_unavailable"
+    assert state["conns"] == 2  # one retry (GET), then the error
+    server.close()
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def settle(rt) -> None:
+    for _ in range(100):
+        if rt.inflight == 0 and rt.pool.active == 0 and not rt.connections:
+            return
+        await asyncio.sleep(0.02)
+
+
+async def test_client_disconnects_at_each_stage_leak_nothing(tmp_path, proxies, upstreams):
+    (up,) = await upstreams("up")
+    doc = {"baseline": "b", "envs": {"b": {"services": {"svc": {"endpoints": [up.addr]}}}}}
+    rt = await proxies("gateway", graph=write_graph(tmp_path / "g.yaml", doc))
+    port = port_of(rt, "gateway")
+    await asyncio.sleep(0.05)
+    fds = open_fds()
+    tasks = len(asyncio.all_tasks())
+
+    async def vanish(data: bytes, *, read: int = 0, wait: float = 0.2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(data)
+        await writer.drain()
+        if read:
+            await reader.read(read)
+        await asyncio.sleep(wait)
+        writer.transport.abort()
+
+    for _ in range(5):
+        # while waiting for the upstream's response head
+        await vanish(b"GET /slow?ms=500 HTTP/1.1\r\nHost: svc\r\n\r\n")
+        # while the request body streams
+        await vanish(b"POST /sink HTTP/1.1\r\nHost: svc\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 200000)
+        # while the response streams
+        await vanish(b"GET /bytes?n=50000000 HTTP/1.1\r\nHost: svc\r\n\r\n", read=65536, wait=0.05)
+    await settle(rt)
+    await asyncio.sleep(0.6)  # let the upstream finish the slow handlers it was given
+    assert rt.inflight == 0 and rt.pool.active == 0 and not rt.connections
+    assert open_fds() <= fds + 2  # idle pooled upstream connections at most
+    assert len(asyncio.all_tasks()) <= tasks + 1
+    async with aiohttp.ClientSession() as s:  # and it still serves
+        async with s.get(f"http://127.0.0.1:{port}/", headers={"Host": "svc"}) as r:
+            assert r.status == 200
+
+
+async def test_redis_killed_and_restarted_under_load(redis_server, upstreams, proxies, tmp_path):
+    """Zero failed proxied requests while Redis dies; staleness shows; resync after restart."""
+    a, b = await upstreams("a", "b")
+
+    def doc(addr):
+        return {"baseline": "b", "envs": {"b": {"services": {"svc": {"endpoints": [addr]}}}}}
+
+    store = RedisStore(redis_server.url)
+    await store.push(doc(a.addr))
+    rt = await proxies("gateway", redis=redis_server.url, graph_cache=str(tmp_path / "cache.json"))
+    url = f"http://127.0.0.1:{port_of(rt, 'gateway')}/"
+    results: list[int] = []
+    stop = asyncio.Event()
+
+    async def load():
+        async with aiohttp.ClientSession() as s:
+            while not stop.is_set():
+                async with s.get(url, headers={"Host": "svc"}) as r:
+                    results.append(r.status)
+                await asyncio.sleep(0.005)
+
+    task = asyncio.ensure_future(load())
+    await asyncio.sleep(0.3)
+    redis_server.stop()
+    for _ in range(100):
+        if not rt.cell.source_connected:
+            break
+        await asyncio.sleep(0.05)
+    assert rt.cell.source_connected is False
+    await asyncio.sleep(1.5)
+    assert rt.cell.age_s > 1.0 and rt.cell.version == 1  # stale, still serving v1
+    admin = f"http://127.0.0.1:{rt.admin_port}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(admin + "/readyz") as r:
+            body = await r.json()
+            assert r.status == 200 and body["source_connected"] is False and body["graph_age_s"] > 1
+    redis_server.start()
+    await store.close()
+    store = RedisStore(redis_server.url)
+    await store.push(doc(b.addr))  # a fresh Redis: the new graph is v1 of a new epoch
+    for _ in range(200):
+        if rt.cell.source_connected and any(x["upstream"] == "b" for x in b.seen):
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await task
+    await store.close()
+    assert results and all(s == 200 for s in results), sorted(set(results))
+    assert rt.cell.source_connected and len(b.seen) > 0
