@@ -190,6 +190,9 @@ class Runtime:
             self._sweeper.cancel()
         if self.source is not None:
             await self.source.stop()
+            store = getattr(self.source, "store", None)
+            if store is not None:
+                await store.close()
         self.pool.close()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()

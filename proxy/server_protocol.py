@@ -48,6 +48,8 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0  # header-read or keep-alive deadline, checked by the sweeper
         self.error: StaxError | None = None
         self.tunnel = None  # the Exchange relaying raw bytes after an Upgrade
+        self.deferred_error: StaxError | None = None
+        self.eof = False  # the client half-closed: close once its requests are answered
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.peer} exchange={self.exchange!r} queued={len(self.queue)}>"
@@ -83,6 +85,12 @@ class ClientConnection(asyncio.Protocol):
         except HttpParserError as exc:
             err = self.error or BadRequest(f"malformed request: {_parser_reason(exc)}")
             self.error = None
+            ex = self.exchange
+            if ex is not None and ex.body_done and all(q.complete for q in self.queue):
+                # garbage after complete requests: answer those first, then the 400, then close
+                self.deferred_error = err
+                self.pause_reading("error")
+                return
             if self.exchange is not None and self.exchange.responded:
                 self.abort()  # a broken body mid-stream: nothing sane to send
                 return
@@ -109,6 +117,18 @@ class ClientConnection(asyncio.Protocol):
             self.exchange.client_lost()
             self.exchange = None
             self.server.release()
+
+    def eof_received(self) -> bool | None:
+        """A client that half-closes after its requests still gets the responses."""
+        self.eof = True
+        if self.tunnel is not None:
+            conn = self.tunnel.conn
+            if conn is not None and conn.transport.can_write_eof():
+                conn.transport.write_eof()
+            return True
+        if self.exchange is not None or self.queue:
+            return True
+        return None
 
     def pause_writing(self) -> None:
         if self.exchange is not None:
@@ -282,6 +302,14 @@ class ClientConnection(asyncio.Protocol):
                         route_header=ex.route.header)
 
     def _next(self) -> None:
+        if not self.queue and self.deferred_error is not None:
+            err, self.deferred_error = self.deferred_error, None
+            self.send_error(None, err, close=True)
+            return
+        if not self.queue and self.eof:
+            self.closed = True
+            self.transport.close()
+            return
         if self.queue:
             item = self.queue.popleft()
             if not self.queue:

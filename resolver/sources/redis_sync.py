@@ -19,13 +19,14 @@ the store catches up; a new epoch (a wiped or different store) is adopted at onc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 import orjson
 
-from ..errors import GraphInvalid
+from ..errors import GraphInvalid, StoreUnavailable
 from ..snapshot import Snapshot
 from ..sync import SnapshotCell, build_snapshot_off_loop, read_cache, write_cache
 from .delta import apply_delta
@@ -57,6 +58,7 @@ class RedisSource:
         self.errors_total = 0  # failed polls/loads
         self.pubsub_reconnects = 0  # pub/sub connections replaced (dropped, killed, silent)
         self.messages_total = 0
+        self.pubsub_subscribed = False  # the listener holds a live subscription
         # what this source serves: the stored document (for deltas) and its identity
         self._doc: dict | None = None
         self._digest = ""
@@ -67,6 +69,7 @@ class RedisSource:
         self._regress_version: int | None = None
         self._regress_since = 0.0
         self._tasks: list[asyncio.Task] = []
+        self._stopping = False
         self._wake: asyncio.Event | None = None
         self._first_poll: asyncio.Event | None = None
 
@@ -81,6 +84,7 @@ class RedisSource:
         file) or `wait` seconds passed; the loop keeps trying in the background either way."""
         if self._tasks:
             return
+        self._stopping = False
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         self._wake = asyncio.Event()
@@ -89,10 +93,9 @@ class RedisSource:
             loop.create_task(self._run(), name="stax-redis-sync"),
             loop.create_task(self._listen(), name="stax-redis-listen"),
         ]
-        try:
-            await asyncio.wait_for(self._first_poll.wait(), max(wait, 0.0))
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(wait, 0.0)):
+                await self._first_poll.wait()
         if self.cell.current is None and self.cache_file:
             snap = await asyncio.to_thread(read_cache, self.cache_file)
             if snap is not None and self.cell.current is None:
@@ -102,10 +105,19 @@ class RedisSource:
             await self.cell.wait_for(1, remaining)
 
     async def stop(self) -> None:
+        self._stopping = True
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Cancel until done: on Python 3.11 redis-py can swallow a cancellation (its
+        # asyncio.wait_for around socket writes, CPython gh-86296); the loops also check
+        # _stopping, so a swallowed cancel ends them at the next iteration.
+        for _ in range(100):
+            pending = [t for t in tasks if not t.done()]
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            await asyncio.wait(pending, timeout=0.1)
+        await asyncio.gather(*(t for t in tasks if t.done()), return_exceptions=True)
 
     def _serve_cached(self, snap: Snapshot) -> None:
         log.warning("redis store %s not serving a graph yet; serving cached v%s from %s",
@@ -118,7 +130,7 @@ class RedisSource:
     async def _run(self) -> None:
         backoff = _BACKOFF_MIN
         assert self._wake is not None and self._first_poll is not None
-        while True:
+        while not self._stopping:
             try:
                 self._wake.clear()  # before polling: a message during the poll wakes us again
                 ok = await self.check()
@@ -130,10 +142,9 @@ class RedisSource:
                         delay = min(delay, max(left, 0.01))
                 else:
                     delay, backoff = backoff, min(backoff * 2, _BACKOFF_MAX)
-                try:
-                    await asyncio.wait_for(self._wake.wait(), delay)
-                except TimeoutError:
-                    pass
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
             except asyncio.CancelledError:
                 raise
             except Exception:  # pragma: no cover - check() catches; this is the last guard
@@ -150,12 +161,15 @@ class RedisSource:
             self.errors_total += 1
             self._need_full = True  # whatever we missed, the next good poll reloads it all
             self.cell.source_connected = False
+            if not str(exc):  # TimeoutError() says nothing by itself
+                exc = StoreUnavailable(f"{type(exc).__name__} talking to {self.store.safe_url}")
             self.cell.sync_error(self.name, exc)
             return False
         return True
 
     async def _sync(self) -> None:
-        version, epoch = await asyncio.wait_for(self.store.head(), self.ping_timeout)
+        async with asyncio.timeout(self.ping_timeout):
+            version, epoch = await self.store.head()
         if not self.cell.source_connected:
             self.cell.source_connected = True
             log.info("graph source %s connected (store v%s)", self.name, version)
@@ -285,13 +299,15 @@ class RedisSource:
         loop = asyncio.get_running_loop()
         assert self._wake is not None
         first = True
-        while True:
+        while not self._stopping:
             pubsub = self.store.pubsub()
             try:
-                await asyncio.wait_for(pubsub.subscribe(self.store.channel), self.ping_timeout)
+                async with asyncio.timeout(self.ping_timeout):
+                    await pubsub.subscribe(self.store.channel)
                 if not first:
                     self.pubsub_reconnects += 1
                 first = False
+                self.pubsub_subscribed = True
                 self._wake.set()  # anything published while we were away is lost: poll now
                 backoff = _BACKOFF_MIN
                 await self._receive(pubsub, loop)
@@ -301,8 +317,10 @@ class RedisSource:
                 log.info("graph change subscription to %s lost (%s); resubscribing",
                          self.store.safe_url, exc or type(exc).__name__)
             finally:
+                self.pubsub_subscribed = False
                 try:
-                    await asyncio.wait_for(pubsub.aclose(), self.ping_timeout)
+                    async with asyncio.timeout(self.ping_timeout):
+                        await pubsub.aclose()
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # the connection is being thrown away anyway
@@ -316,7 +334,7 @@ class RedisSource:
         heard = loop.time()
         ping_sent: float | None = None
         step = min(0.25, self.ping_interval, self.ping_timeout)
-        while True:
+        while not self._stopping:
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=step)
             now = loop.time()
             if msg is not None:
@@ -328,7 +346,8 @@ class RedisSource:
                 if now - ping_sent > self.ping_timeout:
                     raise ConnectionError(f"no pong within {self.ping_timeout}s")
             elif now - heard >= self.ping_interval:
-                await asyncio.wait_for(pubsub.ping(), self.ping_timeout)
+                async with asyncio.timeout(self.ping_timeout):
+                    await pubsub.ping()
                 ping_sent = now
 
 

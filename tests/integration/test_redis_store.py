@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from resolver.errors import GraphInvalid, StoreUnavailable, VersionConflict
+from resolver.sources import redis_store
 from resolver.sources.delta import apply_delta
 from resolver.sources.redis_store import RedisStore, parse_sentinel_url, redact_url
 from resolver.sources.redis_sync import RedisSource
@@ -214,16 +215,23 @@ async def test_deltas_since(store, redis_server):
     assert [v for v, _ in await store.deltas_since(2)] == [3, 4]
 
 
-async def test_stream_is_capped_and_holds_no_full_document(store, redis_server):
+async def test_delta_stream_is_capped_and_holds_no_full_document(store, redis_server,
+                                                                 monkeypatch):
     await store.push(example_graph())
     raw = redis_server.client()
-    _, fields = raw.xrange("stax:{graph}:deltas")[0]
+    (_, fields), = raw.xrange("stax:{graph}:deltas")
     assert set(fields) == {b"version", b"delta", b"base", b"digest"}
-    assert raw.xinfo_stream("stax:{graph}:deltas")["length"] == 1
-    # MAXLEN ~ 1000 is in the script: check it with a quick burst of tiny direct XADDs is
-    # not needed; the store's own constant is what the script receives.
-    from resolver.sources import redis_store
     assert redis_store.DELTA_STREAM_MAXLEN == 1000
+    # MAXLEN ~ trims whole stream nodes (100 entries): with a cap of 10, 250 pushes leave
+    # far fewer than 250 records, and the oldest versions are gone.
+    monkeypatch.setattr(redis_store, "DELTA_STREAM_MAXLEN", 10)
+    doc = example_graph()
+    for i in range(250):
+        doc["envs"]["baseline"]["config"]["n"] = i
+        await store.push(doc)
+    assert raw.xlen("stax:{graph}:deltas") < 200
+    assert await store.deltas_since(1) is None
+    assert [v for v, _ in await store.deltas_since(249)] == [250, 251]
 
 
 async def test_audit_record_and_publish(store, redis_server):
@@ -351,6 +359,7 @@ async def test_subscriber_sees_a_push_through_pubsub(store):
     # A poll interval far longer than the wait: only the pub/sub message can deliver it.
     async with running_source(store, poll_interval=60) as (cell, source):
         assert cell.version == 1 and cell.source_connected
+        assert await wait_until(lambda: source.pubsub_subscribed, 5)
         assert cell.current.source == f"redis:{store.safe_url}"
         doc = example_graph()
         doc["envs"]["team-b"] = {"parent": "baseline"}

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 
 import pytest
 
 from resolver.errors import StoreUnavailable
+from resolver.sources import redis_store
 from resolver.sources.redis_store import RedisStore
 from resolver.sources.redis_sync import RedisSource
 from resolver.sync import SnapshotCell
@@ -78,6 +80,8 @@ async def test_pubsub_connection_killed_polling_catches_up(store, redis_server):
     await store.push(example_graph())
     poll = 0.5
     async with running_source(store, poll_interval=poll) as (cell, source):
+        assert await wait_until(
+            lambda: len(redis_server.client().client_list(_type="pubsub")) == 1, 5)
         killed = redis_server.client().client_kill_filter(_type="pubsub")
         assert killed == 1
         for i in range(4):
@@ -143,6 +147,9 @@ async def test_silently_dead_connections_are_replaced(store, redis_server):
         async with running_source(via_relay, poll_interval=60, ping_interval=0.2,
                                   ping_timeout=0.3) as (cell, source):
             assert cell.version == 1
+            assert await wait_until(
+                lambda: len(redis_server.client().client_list(_type="pubsub")) == 1, 5)
+            await asyncio.sleep(0.2)  # let the poll that follows subscribing finish
             relay.freeze_existing()
             v = await store.push(with_env("through-the-partition"))  # published, never delivered
             assert await cell.wait_for(v, timeout=10)
@@ -160,7 +167,7 @@ async def test_cache_file_serves_when_redis_is_down(store, redis_server, tmp_pat
     v = await store.push(with_env("cached-env"))
     async with running_source(store, poll_interval=0.1, cache_file=cache) as (cell, _):
         assert cell.version == v
-    assert await wait_until(lambda: __import__("os").path.exists(cache), 5)
+    assert await wait_until(lambda: os.path.exists(cache), 5)
     redis_server.stop()
 
     cell = SnapshotCell()
@@ -225,25 +232,19 @@ async def test_bad_document_written_directly_is_rejected(store, redis_server):
         assert cell.source_connected and cell.sync_errors_total == 0
 
 
-async def test_invalid_graph_arriving_as_a_delta_is_rejected_then_bridged(store, redis_server):
-    """A delta that yields an invalid graph (say, written by a newer control plane with
-    looser rules) is rejected; the next good version is reached through both deltas."""
+async def test_invalid_graph_arriving_as_a_delta_is_rejected_then_bridged(store, monkeypatch):
+    """A delta that yields a graph this proxy rejects (say, pushed by a newer control plane
+    with looser rules) is rejected; the next good version is reached through both deltas."""
     await store.push(example_graph())
     async with running_source(store, poll_interval=0.1) as (cell, source):
         serving = cell.current
-        # Make push accept a graph this proxy rejects, without touching the store's code:
-        # write it through a store whose validation we bypass by monkeypatching parse_graph.
-        import resolver.sources.redis_store as redis_store_module
-        real = redis_store_module.parse_graph
-        redis_store_module.parse_graph = lambda doc, version=None: None
-        try:
-            bad = example_graph()
-            bad["envs"]["orphan"] = {"parent": "missing"}
-            v_bad = await store.push(bad)
-        finally:
-            redis_store_module.parse_graph = real
+        monkeypatch.setattr(redis_store, "parse_graph", lambda doc, version=None: None)
+        bad = example_graph()
+        bad["envs"]["orphan"] = {"parent": "missing"}
+        v_bad = await store.push(bad)
+        monkeypatch.undo()
         assert await wait_until(lambda: cell.rejected_total == 1, 5)
-        assert cell.current is serving
+        assert cell.current is serving and "missing parent 'missing'" in cell.last_error
         v = await store.push(with_env("ok"))
         assert v == v_bad + 1
         assert await cell.wait_for(v, 5)
