@@ -126,6 +126,10 @@ class ClientConnection(asyncio.Protocol):
             if conn is not None and conn.transport.can_write_eof():
                 conn.transport.write_eof()
             return True
+        if self.exchange is not None and not self.exchange.body_done:
+            return None  # gone mid-body: the request can never complete
+        if self.queue and not self.queue[-1].complete:
+            return None
         if self.exchange is not None or self.queue:
             return True
         return None
