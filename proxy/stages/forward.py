@@ -12,6 +12,7 @@ import asyncio
 import time
 
 from resolver.errors import (
+    RequestTimeout,
     StaxError,
     UpstreamBadResponse,
     UpstreamTimeout,
@@ -367,6 +368,8 @@ class Exchange:
         self.idle_timer = None
         if self.done:
             return
+        if not self.responded and self.body_done:
+            return  # waiting for the response head: timeout_ms governs; re-armed at the head
         idle = time.monotonic() - self.last_activity
         if idle >= self.route.idle_timeout_s:
             if self.tunnel:
@@ -378,9 +381,12 @@ class Exchange:
                 self.conn = None
             if self.responded:
                 self._abort_client()
-            else:
+            elif self.client.paused:  # the upstream stopped reading the body
                 self._fail(UpstreamTimeout(
-                    f"request body idle for {self.route.idle_timeout_s:g}s"))
+                    f"upstream read no request body for {self.route.idle_timeout_s:g}s"))
+            else:
+                self._fail(RequestTimeout(
+                    f"client sent no request body for {self.route.idle_timeout_s:g}s"))
         else:
             loop = asyncio.get_running_loop()
             self.idle_timer = loop.call_later(self.route.idle_timeout_s - idle, self._check_idle)

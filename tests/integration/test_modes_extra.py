@@ -1,0 +1,110 @@
+"""Smaller mode features end to end: subdomain env, Redis-fed gateway picking up a push,
+the demo over Redis, a trickled request body, configuration precedence."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from proxy.config import ProxyConfig, add_proxy_args, config_from_args
+from resolver.sources.redis_store import RedisStore
+from tests.servers import port_of, raw_request, write_graph
+
+
+def two_env_graph(a: str, b: str) -> dict:
+    return {"baseline": "base", "envs": {
+        "base": {"services": {"web": {"endpoints": [a]}}},
+        "team-a": {"parent": "base", "services": {"web": {"endpoints": [b]}}}}}
+
+
+async def test_env_from_subdomain(tmp_path, upstreams, proxies):
+    a, b = await upstreams("a", "b")
+    rt = await proxies("gateway", graph=write_graph(tmp_path / "g.yaml", two_env_graph(a.addr, b.addr)),
+                       env_host_suffix="preview.example.com")
+    url = f"http://127.0.0.1:{port_of(rt, 'gateway')}/"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers={"Host": "web.team-a.preview.example.com"}) as r:
+            assert r.headers["x-stax-route"] == "web=local:team-a@v1"
+        async with s.get(url, headers={"Host": "web.team-a.preview.example.com", "x-stax-env": "base"}) as r:
+            assert r.headers["x-stax-route"] == "web=local:base@v1"  # headers win over the subdomain
+        async with s.get(url, headers={"Host": "web.Bad_Env.preview.example.com"}) as r:
+            assert r.status == 400 and r.headers["x-stax-error"] == "bad_context"
+
+
+async def test_redis_fed_gateway_picks_up_a_push(redis_server, upstreams, proxies):
+    a, b = await upstreams("a", "b")
+    store = RedisStore(redis_server.url)
+    try:
+        await store.push(two_env_graph(a.addr, b.addr))
+        rt = await proxies("gateway", redis=redis_server.url)
+        url = f"http://127.0.0.1:{port_of(rt, 'gateway')}/"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url, headers={"Host": "web", "x-stax-env": "team-a"}) as r:
+                assert r.headers["x-upstream"] == "b" and r.headers["x-stax-route"] == "web=local:team-a@v1"
+            doc = two_env_graph(a.addr, b.addr)
+            del doc["envs"]["team-a"]["services"]
+            await store.push(doc, expect_version=1)
+            assert await rt.cell.wait_for(2, 5)
+            async with s.get(url, headers={"Host": "web", "x-stax-env": "team-a"}) as r:
+                assert r.headers["x-upstream"] == "a" and r.headers["x-stax-route"] == "web=baseline:base@v2"
+    finally:
+        await store.close()
+
+
+async def test_demo_over_redis(redis_server):
+    out = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "control.cli", "demo", "--redis",
+                                                   redis_server.url], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "graph from Redis" in out.stdout and "ancestor" in out.stdout and "shared" in out.stdout
+
+
+async def test_trickled_request_body_is_cut_off(tmp_path, upstreams, proxies):
+    (up,) = await upstreams("up")
+    doc = {"baseline": "b", "envs": {"b": {"services": {"svc": {"endpoints": [up.addr]}},
+                                           "config": {"svc.idle_timeout_ms": 300}}}}
+    rt = await proxies("gateway", graph=write_graph(tmp_path / "g.yaml", doc))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(rt, "gateway"))
+    writer.write(b"POST /sink HTTP/1.1\r\nHost: svc\r\nContent-Length: 100\r\n\r\nabc")
+    got = await asyncio.wait_for(reader.read(4096), 5)
+    assert got.startswith(b"HTTP/1.1 408") and b"request_timeout" in got
+    writer.close()
+    out = await raw_request(port_of(rt, "gateway"), b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200")
+
+
+def parse(argv: list[str], environ: dict, mode: str = "gateway") -> ProxyConfig:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_proxy_args(p, mode)
+    return config_from_args(p.parse_args(argv), mode, environ)
+
+
+def test_config_precedence_flag_env_file(tmp_path):
+    f = tmp_path / "stax.yaml"
+    f.write_text("graph: g.yaml\nmax-hops: 7\nheader_timeout: 3.5\ndefault-env: from-file\n")
+    cfg = parse(["--config", str(f)], {})
+    assert (cfg.max_hops, cfg.header_timeout, cfg.default_env) == (7, 3.5, "from-file")
+    cfg = parse(["--config", str(f)], {"STAX_MAX_HOPS": "9", "STAX_DEFAULT_ENV": "from-env"})
+    assert (cfg.max_hops, cfg.default_env) == (9, "from-env")
+    cfg = parse(["--config", str(f), "--max-hops", "11"], {"STAX_MAX_HOPS": "9"})
+    assert cfg.max_hops == 11
+    cfg = parse(["--graph", "g.yaml"], {"STAX_ROUTE_PREFIX": "/a=x,/b=y", "STAX_ACCESS_LOG": "true"})
+    assert cfg.route_prefix == ["/a=x", "/b=y"] and cfg.access_log is True
+
+
+def test_config_rejects_what_cannot_work(tmp_path):
+    with pytest.raises(ValueError, match="exactly one graph source"):
+        parse([], {})
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse(["--graph", "g", "--listen", "nope"], {})
+    with pytest.raises(ValueError, match="allow-list needs"):
+        parse(["--graph", "g", "--context-policy", "allow-list"], {})
+    f = tmp_path / "bad.yaml"
+    f.write_text("grpah: x\n")
+    with pytest.raises(ValueError, match="unknown setting"):
+        parse(["--config", str(f)], {})
