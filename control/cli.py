@@ -173,7 +173,10 @@ def cmd_proxy(args, mode: str) -> int:
         raise _Usage(str(exc)) from None
     if args.check_config:
         if cfg.graph:
-            load_file(cfg.graph)
+            try:
+                load_file(cfg.graph)
+            except OSError as exc:
+                raise _Usage(f"cannot read {cfg.graph}: {exc.strerror}") from None
         _out(f"{mode} configuration ok")
         return EXIT_OK
     _setup_logging(cfg.log_level)

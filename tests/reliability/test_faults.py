@@ -105,11 +105,14 @@ async def test_client_disconnects_at_each_stage_leak_nothing(tmp_path, proxies, 
 
     async def vanish(data: bytes, *, read: int = 0, wait: float = 0.2):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(data)
-        await writer.drain()
-        if read:
-            await reader.read(read)
-        await asyncio.sleep(wait)
+        try:
+            writer.write(data)
+            await writer.drain()
+            if read:
+                await reader.read(read)
+            await asyncio.sleep(wait)
+        except ConnectionError:
+            pass  # the proxy may already have given up on this client: that is fine too
         writer.transport.abort()
 
     for _ in range(5):

@@ -1,0 +1,1 @@
+"""The stax benchmark: `python -m loadtests.bench [--quick]`. See loadtests/README.md."""

@@ -1,0 +1,122 @@
+"""Drive load with wrk (one thread, a Lua script sets the headers and prints a JSON summary),
+or with the Python fallback (`pyload`, numbers not comparable with wrk's), while sampling
+the measured processes' CPU time and RSS from /proc."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..common import core_busy_seconds, cpu_seconds, rss_bytes
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+MARK = "BENCHJSON "
+
+_DONE_LUA = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('%s{"requests":%d,"duration_us":%d,"bytes":%d,"p50_us":%d,' ..
+    '"p90_us":%d,"p99_us":%d,"max_us":%d,"errors":%d,"non2xx":%d}\\n', "MARK",
+    summary.requests, summary.duration, summary.bytes, latency:percentile(50),
+    latency:percentile(90), latency:percentile(99), latency.max,
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+""".replace("MARK", MARK)
+
+
+@dataclass
+class LoadSpec:
+    """One request shape. With `envs`, requests rotate over them (baggage stax.env=ENV)."""
+
+    port: int
+    path: str
+    host: str = "bench"
+    env: str = "baseline"
+    envs: list[str] = field(default_factory=list)
+
+    def headers(self, env: str) -> dict[str, str]:
+        return {"Host": self.host, "baggage": f"stax.env={env},userId=bench",
+                "traceparent": TRACEPARENT}
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+    def lua(self) -> str:
+        if not self.envs:
+            sets = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in self.headers(self.env).items())
+            return sets + _DONE_LUA
+        names = ",".join(f'"{e}"' for e in self.envs)
+        hdr = ', '.join(f'["{k}"] = "{v}"' for k, v in self.headers("ENV").items())
+        hdr = hdr.replace("stax.env=ENV", 'stax.env=" .. e .. "')
+        return f"""local envs = {{{names}}}
+local reqs = {{}}
+local i = 0
+init = function(args)
+  for j, e in ipairs(envs) do reqs[j] = wrk.format("GET", nil, {{{hdr}}}) end
+end
+request = function()
+  i = i % #reqs + 1
+  return reqs[i]
+end
+""" + _DONE_LUA
+
+
+def have_wrk() -> bool:
+    return shutil.which("wrk") is not None
+
+
+def run_load(spec: LoadSpec, *, connections: int, duration: int, pids: list[int], tmp: Path,
+             python_load: bool = False, timeout_s: int = 5, core: int = 0) -> dict:
+    """Run one load; returns the summary plus the CPU and peak RSS of `pids` over it, and
+    `foreign_cpu`: the share of `core` (the proxy's) that other processes used meanwhile."""
+    if python_load or not have_wrk():
+        spec_file = tmp / "load-spec.json"
+        spec_file.write_text(json.dumps(asdict(spec)))
+        cmd = [sys.executable, "-m", "loadtests.bench.pyload", str(spec_file),
+               "-c", str(connections), "-d", str(duration)]
+        tool = "python"
+    else:
+        script = tmp / "load.lua"
+        script.write_text(spec.lua())
+        cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", f"--timeout={timeout_s}s",
+               "--latency", "-s", str(script), spec.url()]
+        tool = "wrk"
+    cpu0, busy0 = cpu_seconds(pids), core_busy_seconds(core)
+    rss_peak = rss_bytes(pids)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while proc.poll() is None:
+        time.sleep(0.2)
+        rss_peak = max(rss_peak, rss_bytes(pids))
+    out = proc.stdout.read()
+    cpu = cpu_seconds(pids) - cpu0
+    wall = time.monotonic() - t0
+    foreign = max(0.0, core_busy_seconds(core) - busy0 - cpu) / wall if pids else None
+    line = next((ln for ln in out.splitlines() if ln.startswith(MARK)), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"{tool} failed ({proc.returncode}):\n{out[-2000:]}")
+    res = json.loads(line[len(MARK):])
+    seconds = res["duration_us"] / 1e6
+    requests = res["requests"]
+    return {
+        "tool": tool,
+        "requests": requests,
+        "rps": requests / seconds if seconds else 0.0,
+        "p50_ms": res["p50_us"] / 1000,
+        "p90_ms": res["p90_us"] / 1000,
+        "p99_ms": res["p99_us"] / 1000,
+        "max_ms": res["max_us"] / 1000,
+        "errors": res["errors"],
+        "non2xx": res["non2xx"],
+        "mb_per_s": res["bytes"] / seconds / 1e6 if seconds else 0.0,
+        "cpu_s": cpu,
+        "cpu_util": cpu / wall if wall else 0.0,
+        "foreign_cpu": foreign,
+        "cpu_us_per_req": cpu / requests * 1e6 if requests and pids else None,
+        "rss_peak_mb": rss_peak / 1e6 if pids else None,
+    }

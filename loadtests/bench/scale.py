@@ -1,0 +1,127 @@
+"""Graph scale: stax gateway with a 3-env graph vs a 10,000-env x 50-service graph (requests
+rotate over every env of the graph), and the big graph's p99 while its file is rewritten every
+second (each rewrite moves one overlay, so each is a real reload) vs steady state."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+
+from ..common import SMALL_ENVS, big_graph, env_names, small_graph
+from .load import LoadSpec, run_load
+from .targets import Target, start_stax_gateway
+
+
+def _write(path: Path, doc: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(orjson.dumps(doc))
+    os.replace(tmp, path)
+
+
+def graph_version(admin: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=10) as r:
+        return json.load(r)["graph_version"]
+
+
+class Rewriter(threading.Thread):
+    """Rewrites the graph file every `every` seconds, moving one overlay each time."""
+
+    def __init__(self, path: Path, doc: dict, every: float = 1.0) -> None:
+        super().__init__(daemon=True)
+        self.path, self.doc, self.every = path, doc, every
+        self.stopped = threading.Event()
+        self.writes = 0
+
+    def run(self) -> None:
+        overlay = self.doc["envs"]["team-001"]["services"]
+        service = next(s for s in overlay if s != "bench")
+        while not self.stopped.wait(self.every):
+            self.writes += 1
+            overlay[service] = {"endpoints": [f"10.254.{self.writes // 250 % 250}.{self.writes % 250 + 1}:8080"]}
+            _write(self.path, self.doc)
+
+
+def _median(rows: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def summarize(rows: list[dict]) -> dict:
+    return {"rounds": len(rows), "rps": _median(rows, "rps"), "p50_ms": _median(rows, "p50_ms"),
+            "p99_ms": _median(rows, "p99_ms"), "max_ms": max(r["max_ms"] for r in rows),
+            "cpu_us_per_req": _median(rows, "cpu_us_per_req"),
+            "rss_peak_mb": max(r["rss_peak_mb"] for r in rows),
+            "errors": sum(r["errors"] + r["non2xx"] for r in rows),
+            "foreign_cpu": max(r["foreign_cpu"] or 0 for r in rows)}
+
+
+def _measure(tmp: Path, small_gw: Target, big_gw: Target, big: dict, big_path: Path, *,
+             rounds: int, duration: int, connections: int, python_load: bool, log) -> tuple:
+    specs = {"3-env": (small_gw, LoadSpec(small_gw.port, "/small", envs=SMALL_ENVS)),
+             "10k-env": (big_gw, LoadSpec(big_gw.port, "/small", envs=env_names(big)))}
+    results: dict[str, list[dict]] = {"3-env": [], "10k-env": [], "10k-env reloading": []}
+    reloads = []
+
+    def run(gw: Target, spec: LoadSpec) -> dict:
+        return run_load(spec, connections=connections, duration=duration, pids=gw.pids(), tmp=tmp,
+                        python_load=python_load)
+
+    for _gw, spec in specs.values():  # warm: memoize resolutions, fill pools
+        run_load(spec, connections=connections, duration=1, pids=[], tmp=tmp, python_load=python_load)
+    for r in range(rounds):  # interleaved: 3-env, 10k-env, 10k-env reloading, then again
+        for name, (gw, spec) in specs.items():
+            res = run(gw, spec)
+            results[name].append(res)
+            log(f"  round {r + 1} {name}: {res['rps']:,.0f} req/s, p99 {res['p99_ms']:.2f} ms")
+        gw, spec = specs["10k-env"]
+        before = graph_version(gw.admin)
+        rewriter = Rewriter(big_path, big)
+        rewriter.start()
+        try:
+            res = run(gw, spec)
+        finally:
+            rewriter.stopped.set()
+            rewriter.join()
+        time.sleep(1.5)  # let the last rewrite land before reading the version
+        res["reloads"] = applied = graph_version(gw.admin) - before
+        reloads.append({"writes": rewriter.writes, "applied": applied})
+        results["10k-env reloading"].append(res)
+        log(f"  round {r + 1} 10k-env reloading: {res['rps']:,.0f} req/s, p99 "
+            f"{res['p99_ms']:.2f} ms, {applied} reloads applied of {rewriter.writes} writes")
+    return results, reloads
+
+
+def run_scale(tmp: Path, upstream: int, *, rounds: int, duration: int, connections: int,
+              python_load: bool, envs: int = 10_000, services: int = 50, log=print) -> dict:
+    upstream_addr = f"127.0.0.1:{upstream}"
+    small_path, big_path = tmp / "graph-small.json", tmp / "graph-big.json"
+    _write(small_path, small_graph(upstream_addr))
+    big = big_graph(upstream_addr, envs=envs, services=services)
+    _write(big_path, big)
+    log(f"graph scale: {len(big['envs'])} envs x {services} services, "
+        f"{big_path.stat().st_size / 1e6:.1f} MB JSON; starting two gateways")
+    with contextlib.ExitStack() as cleanup:
+        small_gw = start_stax_gateway(tmp, small_path, name="stax-gateway-3env")
+        cleanup.callback(small_gw.stop)
+        big_gw = start_stax_gateway(tmp, big_path, name="stax-gateway-10k")
+        cleanup.callback(big_gw.stop)
+        results, reloads = _measure(tmp, small_gw, big_gw, big, big_path, rounds=rounds,
+                                    duration=duration, connections=connections,
+                                    python_load=python_load, log=log)
+    summary = {name: summarize(rows) for name, rows in results.items()}
+    small, steady, reload = summary["3-env"], summary["10k-env"], summary["10k-env reloading"]
+    return {
+        "graph": {"envs": len(big["envs"]), "services": services,
+                  "bytes": big_path.stat().st_size},
+        "connections": connections, "duration_s": duration,
+        "runs": results, "summary": summary, "reloads": reloads,
+        "throughput_ratio_10k_vs_3": steady["rps"] / small["rps"],
+        "p99_ratio_reloading_vs_steady": reload["p99_ms"] / steady["p99_ms"],
+    }

@@ -1,0 +1,175 @@
+"""Helpers shared by the bench and the propagation test: free ports, child processes pinned
+to cores, /proc sampling and the graph generator."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def stax_bin() -> str:
+    found = VENV_BIN / "stax"
+    return str(found) if found.exists() else (shutil.which("stax") or "stax")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+_CORES = sorted(os.sched_getaffinity(0))  # read at import, before the bench pins itself
+
+
+def two_cores() -> bool:
+    """Whether proxies and load can be pinned apart (cores 0 and 1 usable, taskset present)."""
+    return {0, 1} <= set(_CORES) and shutil.which("taskset") is not None
+
+
+def spawn(args: list[str], *, core: int | None, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start a child (pinned to `core` with taskset when there are two cores), output to `log`."""
+    if core is not None and two_cores():
+        args = ["taskset", "-c", str(core), *args]
+    with open(log, "ab") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (nginx's master and worker, a wrapper and what it runs)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes (all their threads), from /proc/PID/stat."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
+    return total / CLK_TCK
+
+
+def core_busy_seconds(core: int) -> float:
+    """Non-idle time of one CPU core, from /proc/stat (to see what else ran on it)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{core} "):
+                v = [int(x) for x in line.split()[1:]]
+                return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK  # minus idle and iowait
+    return 0.0
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+    return total
+
+
+# -- graphs -----------------------------------------------------------------------------------
+SMALL_ENVS = ["baseline", "team-a", "feature-1"]
+
+
+def small_graph(upstream: str) -> dict:
+    """Three envs: `bench` resolves baseline/local/ancestor depending on the env."""
+    return {
+        "baseline": "baseline",
+        "shared": {"auth": {"endpoints": ["127.0.0.1:9"]}},
+        "envs": {
+            "baseline": {"services": {"bench": {"endpoints": [upstream]},
+                                      "s01": {"endpoints": ["127.0.0.1:9"]}}},
+            "team-a": {"parent": "baseline", "services": {"bench": {"endpoints": [upstream]}}},
+            "feature-1": {"parent": "team-a", "services": {"s01": {"endpoints": ["127.0.0.1:9"]}}},
+        },
+    }
+
+
+def big_graph(upstream: str, *, envs: int = 10_000, services: int = 50, teams: int = 100,
+              overlays: int = 3, seed: int = 7) -> dict:
+    """`envs` envs (baseline, `teams` team envs, the rest feature envs under them) and
+    `services` services (`bench` plus s01...); the baseline provides every service, each other
+    env overlays `overlays` of them (sparse). Every 7th env also overlays `bench`, so requests
+    for `bench` resolve local, ancestor or baseline. Every endpoint of `bench` is `upstream`."""
+    rnd = random.Random(seed)
+    names = ["bench"] + [f"s{i:02d}" for i in range(1, services - 1)]  # + shared auth
+
+    def ep(i: int) -> dict:
+        return {"endpoints": [f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}:8080"]}
+
+    doc_envs: dict = {"baseline": {"services": {s: ep(i) for i, s in enumerate(names)},
+                                   "config": {"bench.timeout_ms": 5000}}}
+    doc_envs["baseline"]["services"]["bench"] = {"endpoints": [upstream]}
+    for i in range(1, envs):
+        if i <= teams:
+            name, parent = f"team-{i:03d}", "baseline"
+        else:
+            name, parent = f"feat-{i:05d}", f"team-{1 + i % teams:03d}"
+        svc = {s: ep(i * 8 + k) for k, s in enumerate(rnd.sample(names[1:], overlays))}
+        if i % 7 == 0:
+            svc["bench"] = {"endpoints": [upstream]}
+        env: dict = {"parent": parent, "services": svc}
+        if i % 10 == 0:
+            env["config"] = {f"{names[1 + i % (len(names) - 1)]}.timeout_ms": 1000 + i}
+        doc_envs[name] = env
+    return {"baseline": "baseline", "shared": {"auth": {"endpoints": ["10.255.0.1:8080"]}},
+            "envs": doc_envs}
+
+
+def env_names(doc: dict) -> list[str]:
+    return list(doc["envs"])

@@ -1,0 +1,1 @@
+"""Graph propagation through Redis to many proxies: `python -m loadtests.propagation`."""

@@ -1,0 +1,60 @@
+"""Smoke of the load-test harnesses: one tiny bench run through both stax modes and one graph
+change through Redis to two proxies, asserting on what they measured. Each runs as a
+subprocess (the bench pins its own process to a core)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(args: list[str], timeout: float) -> None:
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_bench_measures_both_stax_modes(tmp_path):
+    out = tmp_path / "bench.json"
+    _run(["loadtests.bench", "--targets", "stax-gateway,stax-sidecar", "--bodies", "small",
+          "--connections", "8", "--rounds", "1", "--duration", "1", "--no-scale",
+          "--out", str(out)], timeout=60)
+    data = json.loads(out.read_text())
+    rows = {r["target"]: r for r in data["summary"]}
+    assert set(rows) == {"stax-gateway", "stax-sidecar"}
+    for row in rows.values():
+        assert row["errors"] == 0
+        assert row["rps"] > 100
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["cpu_us_per_req"] > 0 and row["rss_peak_mb"] > 10
+    assert data["comparable"] == (shutil.which("wrk") is not None)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_propagation_reaches_every_proxy(tmp_path):
+    out = tmp_path / "prop.json"
+    _run(["loadtests.propagation", "--proxies", "2", "--changes", "1", "--sizes", "10",
+          "--gap", "0", "--out", str(out)], timeout=60)
+    (result,) = json.loads(out.read_text())["results"]
+    (change,) = result["changes"]
+    assert result["envs"] == 10 and change["version"] == 2
+    assert len(change["ms"]) == 2
+    assert all(0 <= ms < 5000 for ms in change["ms"])
+
+
+def test_locust_scenarios_cover_every_resolution_kind():
+    pytest.importorskip("locust")
+    sys.path.insert(0, str(ROOT))
+    from loadtests.locustfile import SCENARIOS, headers_for
+
+    kinds = {s[4].split(":")[0] for s in SCENARIOS if not s[4].startswith("!")}
+    assert kinds == {"local", "ancestor", "baseline", "shared"}
+    h = headers_for("orders", "feature-1", "baggage")
+    assert h["Host"] == "orders" and h["baggage"].startswith("stax.env=feature-1,")
