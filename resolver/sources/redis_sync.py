@@ -244,6 +244,12 @@ class RedisSource:
 
     async def _regressed(self, version: int) -> None:
         now = time.monotonic()
+        if self._regress_version is not None and version > self._regress_version:
+            # someone wrote to the regressed store on purpose (`stax graph push`, the control
+            # plane): that is the graph the operator wants now
+            log.warning("graph store %s was written (v%s) while held; adopting it", self.name, version)
+            await self._load_full(adopt_lower=True)
+            return
         if self._regress_version != version:  # first sight, or the store moved: (re)start
             if self._regress_version is None:
                 log.warning("graph store %s went back to v%s in the same epoch while serving "

@@ -289,6 +289,21 @@ async def test_regression_that_recovers_within_the_hold_is_not_adopted(store, re
         assert cell.version == v and "keep" in cell.current.graph.envs
 
 
+async def test_operator_push_during_a_regression_is_adopted_at_once(store, redis_server):
+    await store.push(example_graph())
+    await store.push(with_env("v2"))
+    v3 = await store.push(with_env("v3"))
+    raw = redis_server.client()
+    async with running_source(store, poll_interval=0.1, regression_hold=30) as (cell, source):
+        assert cell.version == v3
+        raw.set(VERSION, 1)  # a stale replica promoted: v1 in the same epoch
+        assert await wait_until(lambda: cell.regression, 5)
+        v = await store.push(with_env("fixed"))  # the operator's `stax graph push`
+        assert v == 2
+        assert await wait_until(lambda: "fixed" in cell.current.graph.envs, 5)  # not held 30 s
+        assert cell.version == 2 and not cell.regression
+
+
 async def test_new_epoch_is_adopted_at_once(store, redis_server):
     await store.push(example_graph())
     await store.push(with_env("a"))
