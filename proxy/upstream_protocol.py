@@ -81,6 +81,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.reset_parser:
             self.reset_parser = False
             self.parser = HttpResponseParser(self)
+        if ex.need_idle:
+            ex.need_idle = False
+            if not ex.done:
+                ex._arm_idle()
 
     def connection_lost(self, exc) -> None:
         self.closed = True

@@ -75,6 +75,7 @@ class Graph:
     version: int = 1
     epoch: str = ""  # identifies one store lineage; a lower version in the same epoch is a regression
     services: frozenset = field(default=frozenset())  # every service name the graph knows
+    private_envs: frozenset = field(default=frozenset())  # envs that always need a signed context
 
     def to_doc(self) -> dict:
         """The canonical document (graph file format); parse_graph(to_doc()) == self."""

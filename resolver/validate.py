@@ -218,8 +218,10 @@ def parse_graph(doc: Any, *, version: int | None = None) -> Graph:
     if problems:
         raise GraphInvalid(problems)
     all_services = frozenset(shared) | frozenset(s for e in envs.values() for s in e.services)
+    private = frozenset(n for n, e in envs.items() if e.private)
     return Graph(
-        baseline, MappingProxyType(shared), MappingProxyType(envs), version, epoch, all_services
+        baseline, MappingProxyType(shared), MappingProxyType(envs), version, epoch, all_services,
+        private,
     )
 
 

@@ -36,7 +36,9 @@ def parse_baggage(values: list[bytes], *, max_bytes: int, max_members: int) -> t
             if key.strip() == BAGGAGE_KEY:
                 if not eq:
                     raise BadContext("baggage member stax.env has no value")
-                found = unquote_to_bytes(rest.split(b";", 1)[0].strip())
+                found = rest.split(b";", 1)[0].strip()
+                if b"%" in found:
+                    found = unquote_to_bytes(found)
                 if env is not None and found != env:
                     raise BadContext("conflicting stax.env baggage members")
                 env = found

@@ -51,7 +51,7 @@ class Exchange:
         "fw", "client", "req", "route", "head", "body", "body_bytes", "body_done",
         "body_streamed", "conn", "attempt", "tried", "timer", "responded", "done", "resp_chunked",
         "resp_close", "status", "t0", "last_activity", "idle_timer", "endpoint", "connecting",
-        "tunnel", "early", "cspan",
+        "tunnel", "early", "cspan", "need_idle",
     )
 
     def __init__(self, fw: Forwarder, client, req: Request) -> None:
@@ -81,6 +81,7 @@ class Exchange:
         self.tunnel = False
         self.early: list[bytes] = []  # client bytes after an Upgrade head, before the 101
         self.cspan = None  # OpenTelemetry client span of the current attempt
+        self.need_idle = False  # arm the body idle timer once this read is processed
 
     def __repr__(self) -> str:
         return f"<Exchange {self.req!r} attempt={self.attempt} responded={self.responded}>"
@@ -273,7 +274,9 @@ class Exchange:
         self.responded = True
         client.write(b"".join(out))
         if not no_body:
-            self._arm_idle()
+            # Most bodies complete in the same read as the head: arming the idle timer after
+            # the read (UpstreamConnection.data_received) spares a timer per request.
+            self.need_idle = True
 
     def on_response_body(self, chunk: bytes) -> None:
         self.last_activity = time.monotonic()

@@ -52,10 +52,7 @@ def make_policy(cell, *, policy: str, allow: frozenset, key: bytes | None, defau
     def context_policy(req: Request) -> None:
         env = req.env
         snap = cell.current
-        private = False
-        if snap is not None:
-            e = snap.graph.envs.get(env)
-            private = e is not None and e.private
+        private = snap is not None and env in snap.graph.private_envs
         if not private:
             if policy == "open" or env == default_env(req):
                 return

@@ -34,10 +34,13 @@ def _resolve(cell: SnapshotCell, req: Request, service: str) -> None:
     snap = cell.current
     if snap is None:
         raise NotReady("no graph loaded yet")
-    if not NAME_RE.fullmatch(service):
-        raise NoProvider(f"{service[:70]!r} is not a service name")
     req.service = service
-    req.route = snap.resolve(req.env, service)
+    try:
+        req.route = snap.resolve(req.env, service)
+    except NoProvider:
+        if not NAME_RE.fullmatch(service):
+            raise NoProvider(f"{service[:70]!r} is not a service name") from None
+        raise
 
 
 def make_gateway_route(cell: SnapshotCell, prefixes: list[tuple[bytes, str]]):

@@ -11,6 +11,15 @@ from resolver.errors import BadRequest, HeadersTooLarge, MethodNotAllowed
 from ..request import HOP_BY_HOP, Request
 from .path import normalize_path
 
+(_HOST, _BAGGAGE, _ENV, _TRACEPARENT, _HOPS, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION,
+ _UPGRADE, _COOKIE, _XFF, _XFP, _EXPECT) = range(13)
+_KINDS = {
+    b"host": _HOST, b"baggage": _BAGGAGE, b"x-stax-env": _ENV, b"traceparent": _TRACEPARENT,
+    b"x-stax-hops": _HOPS, b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING, b"connection": _CONNECTION, b"upgrade": _UPGRADE,
+    b"cookie": _COOKIE, b"x-forwarded-for": _XFF, b"x-forwarded-proto": _XFP, b"expect": _EXPECT,
+}
+
 
 def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers: frozenset,
                   allow_connect: bool = False):
@@ -26,46 +35,48 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
         upgrade = None
         conn_upgrade = False
         for name, _, value in headers:
-            if name == b"host":
+            kind = _KINDS.get(name)  # one dict probe for the many headers stax ignores
+            if kind is None:
+                if strip_internal and name[:7] == b"x-stax-":
+                    drop = True
+            elif kind == _HOST:
                 if req.host is not None and value != req.host:
                     raise BadRequest("more than one Host header")
                 req.host = value
-            elif name == b"content-length":
+            elif kind == _BAGGAGE:
+                req.h_baggage.append(value)
+            elif kind == _ENV:
+                if req.h_env is not None and value != req.h_env:
+                    raise BadRequest("conflicting x-stax-env headers")
+                req.h_env = value
+            elif kind == _TRACEPARENT:
+                req.h_traceparent = value
+            elif kind == _HOPS:
+                if req.h_hops is not None and value != req.h_hops:
+                    raise BadRequest("conflicting x-stax-hops headers")
+                req.h_hops = value
+            elif kind == _CONTENT_LENGTH:
                 if not value.isdigit() or (content_length is not None and value != content_length):
                     raise BadRequest("invalid or conflicting Content-Length")
                 content_length = value
-            elif name == b"transfer-encoding":
+            elif kind == _TRANSFER_ENCODING:
                 te = value if te is None else te + b"," + value
-            elif name == b"connection":
+            elif kind == _CONNECTION:
                 tokens = {t.strip().lower() for t in value.split(b",")} - {b""}
                 conn_upgrade = conn_upgrade or b"upgrade" in tokens
                 if tokens - {b"close", b"keep-alive", b"upgrade"}:
                     req.hop_names = req.hop_names | tokens
-            elif name == b"upgrade":
+            elif kind == _UPGRADE:
                 upgrade = value
-            elif name == b"baggage":
-                req.h_baggage.append(value)
-            elif name == b"x-stax-env":
-                if req.h_env is not None and value != req.h_env:
-                    raise BadRequest("conflicting x-stax-env headers")
-                req.h_env = value
-            elif name == b"traceparent":
-                req.h_traceparent = value
-            elif name == b"x-stax-hops":
-                if req.h_hops is not None and value != req.h_hops:
-                    raise BadRequest("conflicting x-stax-hops headers")
-                req.h_hops = value
-            elif name == b"cookie":
+            elif kind == _COOKIE:
                 req.h_cookie = value if req.h_cookie is None else req.h_cookie + b"; " + value
-            elif name == b"x-forwarded-for":
+            elif kind == _XFF:
                 req.h_xff = value if req.h_xff is None else req.h_xff + b", " + value
-            elif name == b"x-forwarded-proto":
+            elif kind == _XFP:
                 req.h_xfp = value
-            elif name == b"expect":
+            elif kind == _EXPECT:
                 if value.lower() == b"100-continue":
                     req.expect_continue = True
-            elif strip_internal and name.startswith(b"x-stax-"):
-                drop = True
         if conn_upgrade and upgrade:
             req.upgrade = upgrade
         if te is not None:

@@ -74,7 +74,10 @@ def fuzz_gateway(tmp_path_factory):
     ready.wait(10)
     yield box
     asyncio.run_coroutine_threadsafe(box["rt"].stop(), loop).result(10)
+    asyncio.run_coroutine_threadsafe(box["up"].stop(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
 
 
 def _exchange(port: int, data: bytes) -> bytes:
