@@ -67,7 +67,7 @@ def split_host_port(value: str) -> tuple[str, int]:
 
 _HELP = {
     "graph": "graph file (YAML/JSON), reloaded on change",
-    "redis": "Redis URL of the graph store (redis://, rediss://, redis+sentinel://h:p,h:p/master/db)",
+    "redis": "Redis URL of the graph store (redis://, rediss://, redis+sentinel://h:p,h:p/master/db, redis+cluster://h:p,h:p/)",
     "redis_prefix": "key prefix of the graph in Redis",
     "graph_cache": "file that keeps the last good graph, served when Redis is down at start",
     "regression_hold": "seconds a lower store version (same epoch) is held before it is adopted",

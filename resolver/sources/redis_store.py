@@ -15,9 +15,13 @@ and the write script may touch them all:
 
 A push validates in Python, computes the delta against the document it read, then runs one
 Lua script that checks the version it read is still current (else the push is retried with a
-fresh delta) and the caller's expected version, writes everything and publishes. Callers
-never see a redis-py exception: every failure to talk to Redis is StoreUnavailable, with the
-URL (password redacted) in the message.
+fresh delta) and the caller's expected version, writes everything and publishes. Reads of more
+than one key are Lua scripts too: atomic, and on a cluster routed (MOVED followed) like any
+single-slot command. Callers never see a redis-py exception: every failure to talk to Redis is
+StoreUnavailable, with the URL (password redacted) in the message.
+
+URLs: `redis://`, `rediss://` and `unix://` (one server, redis-py's own URL format),
+`redis+sentinel://` (see parse_sentinel_url) and `redis+cluster://` (see parse_cluster_url).
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ from urllib.parse import parse_qs, unquote
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, ClusterPubSub, RedisCluster
+from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from ..errors import StoreUnavailable, VersionConflict
 from ..validate import parse_graph
@@ -46,6 +52,13 @@ AUDIT_STREAM_MAXLEN = 100_000
 STORE_OWNED_KEYS = ("version", "epoch")  # live in their own keys, never in the stored doc
 _PUSH_ATTEMPTS = 50  # retries when another writer moved the version between read and write
 _SENTINEL_PORT = 26379
+_REDIS_PORT = 6379
+# Query options a cluster URL may carry (passed to every node connection); anything else is
+# refused rather than silently ignored.
+_CLUSTER_URL_OPTIONS = frozenset({
+    "socket_timeout", "socket_connect_timeout", "socket_keepalive", "health_check_interval",
+    "max_connections", "client_name", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
+    "ssl_cert_reqs", "ssl_check_hostname", "ssl_ciphers"})
 
 # KEYS: doc, version, epoch, deltas, audit
 # ARGV: expect ('' = any), version read, doc, delta, base, digest, epoch candidate,
@@ -67,6 +80,14 @@ if ARGV[9] ~= '' then
 end
 redis.call('PUBLISH', ARGV[11], new)
 return {'ok', new, epoch}
+"""
+
+# KEYS: version, epoch[, doc]   Returns their values, in order; false (a nil reply) for a
+# missing key.
+_READ_LUA = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('GET', key) end
+return out
 """
 
 # KEYS: version, epoch, deltas   ARGV: since, limit
@@ -126,30 +147,8 @@ def parse_sentinel_url(url: str) -> SentinelURL:
         raise ValueError(f"not a sentinel URL: {redact_url(url)}")
     rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
-    userinfo, at, hosts = netloc.rpartition("@")
-    if not at:
-        hosts, userinfo = netloc, ""
-    username = password = None
-    if userinfo:
-        user, colon, pw = userinfo.partition(":")
-        username = unquote(user) or None
-        password = unquote(pw) if colon else None
-    sentinels = []
-    for item in hosts.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if item.startswith("["):  # [ipv6]:port
-            host, _, tail = item[1:].partition("]")
-            port = tail[1:] if tail.startswith(":") else ""
-        else:
-            host, _, port = item.partition(":")
-        if not host:
-            raise ValueError(f"sentinel URL has an empty host: {redact_url(url)}")
-        try:
-            sentinels.append((host, int(port) if port else _SENTINEL_PORT))
-        except ValueError:
-            raise ValueError(f"sentinel URL has a bad port {port!r}: {redact_url(url)}") from None
+    username, password, hosts = _split_netloc(netloc)
+    sentinels = _parse_hosts(hosts, _SENTINEL_PORT, url, "sentinel")
     parts = [unquote(p) for p in path.split("/") if p]
     if not sentinels or not parts or len(parts) > 2:
         raise ValueError(
@@ -162,6 +161,90 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     sentinel_password = params.get("sentinel_password", [None])[0]
     return SentinelURL(sentinels, parts[0], db, username, password, sentinel_password,
                        scheme.startswith("rediss"))
+
+
+class ClusterURL(NamedTuple):
+    nodes: list[tuple[str, int]]  # startup nodes: any reachable one discovers the cluster
+    username: str | None
+    password: str | None
+    ssl: bool
+    options: dict[str, Any]  # connection options from the query string
+
+
+def parse_cluster_url(url: str) -> ClusterURL:
+    """`redis+cluster://[user:pass@]h1:p1,h2:p2[,...][/[0]][?option=value&...]`.
+
+    Any one reachable node is enough to discover the whole cluster; a port defaults to 6379.
+    The password in the userinfo authenticates to every node; `rediss+cluster://` uses TLS.
+    A cluster has only db 0. Options: socket and TLS settings (`ssl_ca_certs`, ...), see
+    _CLUSTER_URL_OPTIONS.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis+cluster", "rediss+cluster"):
+        raise ValueError(f"not a cluster URL: {redact_url(url)}")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    username, password, hosts = _split_netloc(netloc)
+    nodes = _parse_hosts(hosts, _REDIS_PORT, url, "cluster")
+    if not nodes:
+        raise ValueError(f"want redis+cluster://host:port[,host:port...][/], got "
+                         f"{redact_url(url)}")
+    if unquote(path).strip("/") not in ("", "0"):
+        raise ValueError(f"Redis Cluster has only db 0, got {redact_url(url)}")
+    options: dict[str, Any] = {}
+    for name, values in parse_qs(query).items():
+        if name not in _CLUSTER_URL_OPTIONS:
+            raise ValueError(f"cluster URL option {name!r} is not supported (want one of "
+                             f"{', '.join(sorted(_CLUSTER_URL_OPTIONS))}): {redact_url(url)}")
+        try:
+            options[name] = URL_QUERY_ARGUMENT_PARSERS.get(name, str)(values[0])
+        except (TypeError, ValueError):
+            raise ValueError(f"cluster URL option {name!r} has a bad value: "
+                             f"{redact_url(url)}") from None
+    return ClusterURL(nodes, username, password, scheme.startswith("rediss"), options)
+
+
+def _split_netloc(netloc: str) -> tuple[str | None, str | None, str]:
+    """`[user[:password]@]hosts` -> (username, password, hosts), percent-decoded."""
+    userinfo, at, hosts = netloc.rpartition("@")
+    if not at:
+        return None, None, netloc
+    user, colon, pw = userinfo.partition(":")
+    return unquote(user) or None, unquote(pw) if colon else None, hosts
+
+
+def _parse_hosts(hosts: str, default_port: int, url: str, kind: str) -> list[tuple[str, int]]:
+    """`h1:p1,h2,[::1]:p3` -> [(host, port), ...]."""
+    out = []
+    for item in hosts.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if item.startswith("["):  # [ipv6]:port
+            host, _, tail = item[1:].partition("]")
+            port = tail[1:] if tail.startswith(":") else ""
+        else:
+            host, _, port = item.partition(":")
+        if not host:
+            raise ValueError(f"{kind} URL has an empty host: {redact_url(url)}")
+        try:
+            out.append((host, int(port) if port else default_port))
+        except ValueError:
+            raise ValueError(f"{kind} URL has a bad port {port!r}: {redact_url(url)}") from None
+    return out
+
+
+class _ClusterPubSub(ClusterPubSub):
+    """ClusterPubSub that discovers the cluster before its first command: ClusterPubSub picks
+    its node from the client's slot table (the node owning the channel's slot; PUBLISH reaches
+    every node anyway) and raises KeyError(slot) while that table is empty. A client marked
+    for rediscovery (a node failed) is rediscovered here too, so a new subscription after a
+    failover goes to the slot's current owner."""
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self.connection is None and self.connection_pool is None:
+            await self.cluster.initialize()
+        return await super().execute_command(*args, **kwargs)
 
 
 class RedisStore:
@@ -177,6 +260,7 @@ class RedisStore:
         self.audit_key = f"{base}:audit"
         self.channel = f"{base}:changes"
         self._sentinel: Sentinel | None = None
+        self._client: aioredis.Redis | RedisCluster
         # No retries inside redis-py: a retried push could apply twice, and the sync loop
         # has its own backoff. Failures surface at once as StoreUnavailable.
         opts: dict[str, Any] = {
@@ -192,13 +276,23 @@ class RedisStore:
             self._sentinel = Sentinel(su.sentinels, sentinel_kwargs=sentinel_opts, **opts)
             self._client = self._sentinel.master_for(
                 su.service, db=su.db, username=su.username, password=su.password, ssl=su.ssl)
+        elif url.startswith(("redis+cluster://", "rediss+cluster://")):
+            cu = parse_cluster_url(url)
+            # Connects lazily: the first command (or subscription, see _ClusterPubSub)
+            # discovers the slot table from any reachable startup node. Not every slot need
+            # be covered: only the one slot of {graph} matters here.
+            self._client = RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in cu.nodes],
+                username=cu.username, password=cu.password, ssl=cu.ssl,
+                require_full_coverage=False, **{**opts, **cu.options})
         elif url.startswith(("redis://", "rediss://", "unix://")):
             self._client = aioredis.from_url(url, **opts)
         else:
             raise ValueError(
-                f"unsupported Redis URL {self.safe_url}: want redis://, rediss:// or "
-                "redis+sentinel://")
+                f"unsupported Redis URL {self.safe_url}: want redis://, rediss://, "
+                "redis+sentinel:// or redis+cluster://")
         self._push_script = self._client.register_script(_PUSH_LUA)
+        self._read_script = self._client.register_script(_READ_LUA)
         self._deltas_script = self._client.register_script(_DELTAS_LUA)
 
     def __repr__(self) -> str:
@@ -217,7 +311,9 @@ class RedisStore:
         """Turn any failure to talk to Redis into StoreUnavailable (the boundary)."""
         try:
             yield
-        except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+        # TimeoutError is an OSError; RedisClusterException (no node reachable, slot not
+        # covered) is not a RedisError
+        except (RedisError, RedisClusterException, OSError) as exc:
             detail = str(exc) or type(exc).__name__
             raise StoreUnavailable(
                 f"redis store {self.safe_url}: {what} failed: {detail}") from exc
@@ -238,17 +334,14 @@ class RedisStore:
     async def head(self) -> tuple[int, str]:
         """(version, epoch), read atomically: what the sync loop polls."""
         with self._mapped("reading the version"):
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.get(self.version_key).get(self.epoch_key)
-                raw_version, raw_epoch = await pipe.execute()
+            raw_version, raw_epoch = await self._get_many(self.version_key, self.epoch_key)
         return self._int(raw_version), raw_epoch.decode() if raw_epoch else ""
 
     async def read_raw(self) -> tuple[int, str, bytes | None]:
         """(version, epoch, stored JSON bytes), read atomically."""
         with self._mapped("reading the graph"):
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.get(self.version_key).get(self.epoch_key).get(self.doc_key)
-                raw_version, raw_epoch, data = await pipe.execute()
+            raw_version, raw_epoch, data = await self._get_many(
+                self.version_key, self.epoch_key, self.doc_key)
         return self._int(raw_version), raw_epoch.decode() if raw_epoch else "", data
 
     async def read(self) -> tuple[int, str, dict | None]:
@@ -304,7 +397,10 @@ class RedisStore:
         return [(r.version, r.delta) for r in records]
 
     def pubsub(self) -> aioredis.client.PubSub:
-        """A new pub/sub handle on the store's connection settings (the caller closes it)."""
+        """A new pub/sub handle on the store's connection settings (the caller closes it).
+        On a cluster it subscribes on one node (PUBLISH is broadcast to every node)."""
+        if isinstance(self._client, RedisCluster):
+            return _ClusterPubSub(self._client)
         return self._client.pubsub()
 
     # -- the one write path ----------------------------------------------------------------
@@ -324,9 +420,7 @@ class RedisStore:
         expect_arg = "" if expect_version is None else str(int(expect_version))
         for _ in range(_PUSH_ATTEMPTS):
             with self._mapped("push"):
-                async with self._client.pipeline(transaction=True) as pipe:
-                    pipe.get(self.version_key).get(self.doc_key)
-                    raw_version, old_data = await pipe.execute()
+                raw_version, old_data = await self._get_many(self.version_key, self.doc_key)
             current = self._int(raw_version)
             if expect_version is not None and current != expect_version:
                 raise VersionConflict(expect_version, current)
@@ -350,6 +444,13 @@ class RedisStore:
         raise StoreUnavailable(
             f"redis store {self.safe_url}: push gave up after {_PUSH_ATTEMPTS} attempts; "
             "other writers keep moving the version")
+
+    async def _get_many(self, *keys: str) -> list[bytes | None]:
+        """GET of several keys of the graph, atomically (one script: on a cluster it goes to
+        the slot's node like any command, following MOVED after a resharding)."""
+        res = await self._read_script(keys=list(keys))
+        # a missing key comes back as nil (RESP2) or false (RESP3)
+        return [v if isinstance(v, bytes) else None for v in res]
 
     def _int(self, raw: bytes | None) -> int:
         if raw is None:

@@ -30,7 +30,7 @@ from resolver.errors import StoreUnavailable
 from resolver.sources.redis_store import RedisStore
 from resolver.sources.redis_sync import RedisSource
 from resolver.sync import SnapshotCell
-from tests.redis_fixture import RedisServer, free_port
+from tests.redis_fixture import RedisServer, free_port, wait_until
 from tests.servers import port_of
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -336,17 +336,6 @@ def redis_cluster(tmp_path) -> Iterator[list[RedisServer]]:
             n.stop()
 
 
-CLUSTER_MISSING = (
-    "RedisStore has no Redis Cluster mode: it accepts redis://, rediss:// and "
-    "redis+sentinel:// only ({error}). Needed: a cluster URL scheme (e.g. "
-    "redis+cluster://h1:p1,h2:p2/) that builds redis.asyncio.cluster.RedisCluster("
-    "startup_nodes=[ClusterNode(h, p), ...]) and initializes it before RedisSource "
-    "subscribes (ClusterPubSub raises KeyError(slot) on an uninitialized client). The keys "
-    "already share one slot, so the Lua push and the transactional pipelines work unchanged "
-    "on a cluster client. A plain redis:// URL works only while it names the node that owns "
-    "the slot of {{graph}}; any other node answers MOVED, which surfaces as StoreUnavailable.")
-
-
 async def test_cluster_push_sync_and_resolve(redis_cluster, upstreams, proxies):
     nodes = redis_cluster
     names = ["web", "orders", "orders-a", "web-f1"]
@@ -363,10 +352,7 @@ async def test_cluster_push_sync_and_resolve(redis_cluster, upstreams, proxies):
     (slot,) = slots
 
     url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in nodes)
-    try:
-        store = RedisStore(url, socket_timeout=1.0)
-    except ValueError as exc:
-        pytest.xfail(CLUSTER_MISSING.format(error=exc))
+    store = RedisStore(url, socket_timeout=1.0)
     try:
         v1 = await store.push(_graph(up))
         version, epoch, doc = await store.read()
@@ -379,13 +365,20 @@ async def test_cluster_push_sync_and_resolve(redis_cluster, upstreams, proxies):
         assert len(owners) == 1, owners  # the graph lives on the node that owns the slot
 
         cell = SnapshotCell()
-        source = RedisSource(store, cell, poll_interval=0.2, ping_interval=0.5)
+        # a poll interval far longer than the waits: only pub/sub can deliver v2 in time
+        source = RedisSource(store, cell, poll_interval=30, ping_interval=0.5)
         await source.start(wait=5)
         try:
-            assert cell.version == v1
+            assert cell.version == v1 and cell.source_connected
+            assert await wait_until(lambda: source.pubsub_subscribed, 5), source
+            await asyncio.sleep(1.2)  # a few ping/pong rounds on the cluster subscription
+            assert source.pubsub_subscribed and source.pubsub_reconnects == 0, source
             v2 = await store.push(_graph(up, **{
                 "feature-2": {"parent": "feature-1", "services": {"web": [up["web-f1"].addr]}}}))
             assert await cell.wait_for(v2, 5), source
+            assert source.messages_total >= 1  # the script's PUBLISH reached the subscriber
+            # one full load at start, then v2 through the delta stream; never an error
+            assert (source.full_loads, source.delta_loads, source.errors_total) == (1, 1, 0)
             info = cell.current.explain("feature-2", "orders")
             assert (info["kind"], info["provider_env"]) == ("ancestor", "team-a")
             assert info["graph_version"] == v2
