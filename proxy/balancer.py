@@ -106,22 +106,29 @@ class RetryBudget:
         self._cells: dict[str, list] = {}  # service -> [bucket_start, req, retries, prev_req, prev_retries]
         self.exhausted_total = 0
 
-    def _cell(self, service: str, now: float) -> list:
+    def _cell(self, service: str) -> list:
         cell = self._cells.get(service)
         if cell is None:
-            cell = self._cells[service] = [now, 0, 0, 0, 0]
-        elif now - cell[0] >= self.window:
-            fresh = now - cell[0] < 2 * self.window
-            cell[:] = [now, 0, 0, cell[1] if fresh else 0, cell[2] if fresh else 0]
+            cell = self._cells[service] = [time.monotonic(), 0, 0, 0, 0]
         return cell
 
+    def rotate(self, now: float) -> None:
+        """Called by the runtime's 1 s sweeper, so counting a request needs no clock read."""
+        for cell in self._cells.values():
+            if now - cell[0] >= self.window:
+                fresh = now - cell[0] < 2 * self.window
+                cell[:] = [now, 0, 0, cell[1] if fresh else 0, cell[2] if fresh else 0]
+
     def note_request(self, service: str) -> None:
-        self._cell(service, time.monotonic())[1] += 1
+        cell = self._cells.get(service)
+        if cell is None:
+            cell = self._cell(service)
+        cell[1] += 1
 
     def allow_retry(self, service: str) -> bool:
         now = time.monotonic()
-        cell = self._cell(service, now)
-        weight = 1 - (now - cell[0]) / self.window  # fraction of the previous bucket still in the window
+        cell = self._cell(service)
+        weight = max(0.0, 1 - (now - cell[0]) / self.window)  # fraction of the previous bucket still in the window
         requests = cell[1] + cell[3] * weight
         retries = cell[2] + cell[4] * weight
         if retries + 1 > max(self.min_retries, requests * self.ratio):

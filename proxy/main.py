@@ -27,7 +27,28 @@ async def serve(cfg: ProxyConfig) -> None:
     await rt.wait_stopped()
 
 
+def tune_process() -> None:
+    """Process-wide settings for a long-running proxy (called by the CLI, not by tests).
+
+    glibc hands large buffers (uvloop's reads, body chunks) back to the kernel on every free
+    and faults them in again; with 1 MiB bodies that churn cost ~3x the CPU per request.
+    Keeping buffers up to 1 MiB in the heap (and trimming only past 8 MiB) removes it; RSS
+    stays flat. Measured by loadtests/bench (1 MiB bodies: ~1,280 -> ~410 µs per request)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 1 << 20)
+    mallopt(m_trim_threshold, 8 << 20)
+
+
 def run(cfg: ProxyConfig) -> None:
+    tune_process()
     try:
         import uvloop
     except ImportError:  # pragma: no cover

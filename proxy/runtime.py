@@ -157,6 +157,7 @@ class Runtime:
             for conn in list(self.connections):
                 conn.check_deadline(now)
             self.pool.sweep()
+            self.budget.rotate(now)
 
     def install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -173,8 +174,7 @@ class Runtime:
         deadline = time.monotonic() + self.config.drain_timeout
         for conn in list(self.connections):  # idle keep-alive connections can go now
             if conn.exchange is None and not conn.in_head and not conn.queue:
-                conn.closed = True
-                conn.transport.close()
+                conn.close()
         while self.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await self.stop()
@@ -184,8 +184,7 @@ class Runtime:
             if listener.server is not None:
                 listener.server.close()
         for conn in list(self.connections):
-            conn.closed = True
-            conn.transport.close()
+            conn.close()
         if self._sweeper:
             self._sweeper.cancel()
         if self.source is not None:

@@ -48,6 +48,7 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0  # header-read or keep-alive deadline, checked by the sweeper
         self.error: StaxError | None = None
         self.tunnel = None  # the Exchange relaying raw bytes after an Upgrade
+        self.wbuf: list[bytes] | None = None  # set while an upstream read is being processed
         self.deferred_error: StaxError | None = None
         self.eof = False  # the client half-closed: close once its requests are answered
 
@@ -79,8 +80,7 @@ class ClientConnection(asyncio.Protocol):
                 if rest:
                     ex.client_data(rest)
             elif self.exchange is None and not self.closed:
-                self.closed = True
-                self.transport.close()
+                self.close()
             return
         except HttpParserError as exc:
             err = self.error or BadRequest(f"malformed request: {_parser_reason(exc)}")
@@ -155,7 +155,21 @@ class ClientConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if not self.closed:
-            self.transport.write(data)
+            if self.wbuf is not None:
+                self.wbuf.append(data)  # coalesced: flushed once when the upstream read ends
+            else:
+                self.transport.write(data)
+
+    def flush(self) -> None:
+        buf = self.wbuf
+        self.wbuf = None
+        if buf:
+            self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+
+    def close(self) -> None:
+        self.flush()
+        self.closed = True
+        self.transport.close()
 
     def abort(self) -> None:
         self.closed = True
@@ -277,8 +291,7 @@ class ClientConnection(asyncio.Protocol):
         self.write(error_response(err, route_header=route_header, close=close, head_only=head_only))
         srv.log_error(req, err, self.peer)
         if close:
-            self.closed = True
-            self.transport.close()
+            self.close()
         elif self.current is None:
             self._next()
 
@@ -286,8 +299,7 @@ class ClientConnection(asyncio.Protocol):
         self.exchange = None
         self.server.release()
         if self.close_after or not ex.req.keep_alive:
-            self.closed = True
-            self.transport.close()
+            self.close()
             return
         self._next()
 
@@ -295,8 +307,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel = None
         self.exchange = None
         self.server.release()
-        self.closed = True
-        self.transport.close()
+        self.close()
 
     def exchange_failed(self, ex, err: StaxError) -> None:
         self.exchange = None
@@ -311,8 +322,7 @@ class ClientConnection(asyncio.Protocol):
             self.send_error(None, err, close=True)
             return
         if not self.queue and self.eof:
-            self.closed = True
-            self.transport.close()
+            self.close()
             return
         if self.queue:
             item = self.queue.popleft()
@@ -328,8 +338,7 @@ class ClientConnection(asyncio.Protocol):
             if self.in_head:
                 self.send_error(None, RequestTimeout("request head not received in time"), close=True)
             elif self.exchange is None and not self.queue:
-                self.closed = True
-                self.transport.close()
+                self.close()
 
 
 def _parser_reason(exc: HttpParserError) -> str:

@@ -3,9 +3,8 @@ only when an exporter is configured (see proxy/otel.py)."""
 
 from __future__ import annotations
 
+import re
 from random import getrandbits
-
-_HEX = frozenset(b"0123456789abcdef")
 
 
 # Trace and span ids need to be unique, not secret (W3C trace context 3.2.2.3): the Mersenne
@@ -18,19 +17,19 @@ def new_span_id() -> bytes:
     return b"%016x" % (getrandbits(64) or 1)
 
 
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+_ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
+
+
 def parse_traceparent(value: bytes | None) -> tuple[bytes, bytes, bytes] | None:
-    """(trace_id, parent_span_id, flags) from a valid version-00 traceparent, else None."""
+    """(trace_id, parent_span_id, flags) from a valid traceparent, else None."""
     if value is None:
         return None
-    v = value.strip().lower()
-    if len(v) < 55 or v[2:3] != b"-" or v[35:36] != b"-" or v[52:53] != b"-":
+    m = _TRACEPARENT.fullmatch(value.strip().lower())
+    if m is None:
         return None
-    version, trace_id, parent, flags = v[:2], v[3:35], v[36:52], v[53:55]
-    if version == b"ff" or (version == b"00" and len(v) != 55):
-        return None
-    if not (set(v[:2]) | set(trace_id) | set(parent) | set(flags)) <= _HEX:
-        return None
-    if trace_id == b"0" * 32 or parent == b"0" * 16:
+    version, trace_id, parent, flags, rest = m.groups()
+    if version == b"ff" or (version == b"00" and rest) or trace_id == _ZERO_TRACE or parent == _ZERO_SPAN:
         return None
     return trace_id, parent, flags
 

@@ -41,13 +41,14 @@ class UpstreamConnection(asyncio.Protocol):
         return f"<UpstreamConnection {self.key} {state} uses={self.uses}>"
 
     # -- used by the Exchange ----------------------------------------------------------------
-    def begin(self, exchange, head: bytes, *, no_body: bool) -> None:
+    def begin(self, exchange, data: bytes, *, no_body: bool) -> None:
+        """Start a request: `data` is its head (and whatever body is already at hand)."""
         self.exchange = exchange
         self.headers = []
         self.no_body = no_body
         self.got_bytes = self.head_done = self.eof_body = False
         self.uses += 1
-        self.transport.write(head)
+        self.transport.write(data)
 
     def abort(self) -> None:
         self.closed = True
@@ -69,6 +70,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.forget(self)
             return
         self.got_bytes = True
+        client = ex.client
+        client.wbuf = []  # one write to the client for everything this read produces
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -78,6 +81,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.closed = True
             ex.upstream_failed(UpstreamBadResponse(f"malformed upstream response: {exc}"), self)
             return
+        finally:
+            if not client.closed:
+                client.flush()
+            else:
+                client.wbuf = None
         if self.reset_parser:
             self.reset_parser = False
             self.parser = HttpResponseParser(self)

@@ -24,6 +24,7 @@ from ..request import HOP_BY_HOP, IDEMPOTENT, REWRITTEN, Request
 
 BODY_RETRY_LIMIT = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
+_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 
 
 class Forwarder:
@@ -32,6 +33,7 @@ class Forwarder:
     def __init__(self, pool, health, stats, budget, *, mode: str, add_xfp: bytes,
                  tracing=None) -> None:
         self.tracing = tracing
+        self.loop = asyncio.get_running_loop()  # cached: get_running_loop() costs a getpid()
         self.pool = pool
         self.health = health
         self.stats = stats
@@ -129,13 +131,16 @@ class Exchange:
     def _attach(self, conn) -> None:
         self.conn = conn
         req = self.req
-        conn.begin(self, self.head, no_body=req.method == b"HEAD")
-        if self.body:
-            for chunk in self.body:
-                conn.transport.write(_frame(chunk, req.chunked))
+        data = self.head
+        if self.body or (self.body_done and req.chunked):  # head and body in one write
+            parts = [data]
+            if self.body:
+                parts.extend(_frame(chunk, req.chunked) for chunk in self.body)
+            if self.body_done and req.chunked:
+                parts.append(b"0\r\n\r\n")
+            data = b"".join(parts)
+        conn.begin(self, data, no_body=req.method == b"HEAD")
         if self.body_done:
-            if req.chunked:
-                conn.transport.write(b"0\r\n\r\n")
             self._arm_timeout()
         else:
             if self.body_streamed:
@@ -145,8 +150,7 @@ class Exchange:
 
     def _arm_timeout(self) -> None:
         # timeout_ms runs from the request fully sent to the response head received
-        loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(self.route.timeout_s, self._on_timeout)
+        self.timer = self.fw.loop.call_later(self.route.timeout_s, self._on_timeout)
 
     def _attempt_failed(self, err: StaxError, conn) -> None:
         if self.timer is not None:
@@ -228,7 +232,9 @@ class Exchange:
                 tokens = {t.strip().lower() for t in value.split(b",")}
                 if b"close" in tokens:
                     self.resp_close = True
-                extra_hop = tokens if extra_hop is None else extra_hop | tokens
+                tokens -= _CONNECTION_OPTIONS
+                if tokens:  # names other headers as hop-by-hop: filter them below
+                    extra_hop = tokens if extra_hop is None else extra_hop | tokens
                 continue
             if lname in hop:
                 if lname == b"transfer-encoding":
@@ -364,8 +370,7 @@ class Exchange:
     # -- idle timeout inside bodies ----------------------------------------------------------
     def _arm_idle(self) -> None:
         if self.idle_timer is None:
-            loop = asyncio.get_running_loop()
-            self.idle_timer = loop.call_later(self.route.idle_timeout_s, self._check_idle)
+            self.idle_timer = self.fw.loop.call_later(self.route.idle_timeout_s, self._check_idle)
 
     def _check_idle(self) -> None:
         self.idle_timer = None
@@ -391,8 +396,7 @@ class Exchange:
                 self._fail(RequestTimeout(
                     f"client sent no request body for {self.route.idle_timeout_s:g}s"))
         else:
-            loop = asyncio.get_running_loop()
-            self.idle_timer = loop.call_later(self.route.idle_timeout_s - idle, self._check_idle)
+            self.idle_timer = self.fw.loop.call_later(self.route.idle_timeout_s - idle, self._check_idle)
 
     # -- endings -----------------------------------------------------------------------------
     def _cancel_timers(self) -> None:

@@ -14,7 +14,7 @@ import os
 
 from ..errors import GraphInvalid
 from ..snapshot import Snapshot
-from ..sync import SnapshotCell, build_snapshot, build_snapshot_off_loop
+from ..sync import SnapshotCell, build_snapshot, build_snapshot_from_bytes
 from ..validate import load_document
 
 log = logging.getLogger("stax.graph")
@@ -76,11 +76,10 @@ class FileSource:
         if digest == self._digest:
             self.cell.confirm()
             return
-        try:
-            doc = load_document(data)
-            explicit = isinstance(doc, dict) and "version" in doc
-            version = None if explicit else self.cell.version + 1
-            snap = await build_snapshot_off_loop(doc, version=version, source=f"file:{self.path}")
+        try:  # decoding a big file is work too: all of it happens off the loop
+            snap = await asyncio.to_thread(build_snapshot_from_bytes, data,
+                                           version_if_unset=self.cell.version + 1,
+                                           source=f"file:{self.path}")
         except GraphInvalid as exc:
             self.cell.reject(f"file:{self.path}", exc)
             return
