@@ -96,9 +96,10 @@ def _has_loop() -> bool:
         return False
 
 
-def build_snapshot(doc: Any, *, version: int | None, source: str) -> Snapshot:
+def build_snapshot(doc: Any, *, version: int | None, source: str, reuse=None,
+                   changed: frozenset | None = None) -> Snapshot:
     """Validate + build; raises GraphInvalid. Pure and thread-safe: run it off the loop."""
-    return Snapshot(parse_graph(doc, version=version), source=source)
+    return Snapshot(parse_graph(doc, version=version, reuse=reuse, changed=changed), source=source)
 
 
 def build_snapshot_from_bytes(data: bytes, *, version_if_unset: int | None, source: str) -> Snapshot:
@@ -108,10 +109,12 @@ def build_snapshot_from_bytes(data: bytes, *, version_if_unset: int | None, sour
     return build_snapshot(doc, version=None if explicit else version_if_unset, source=source)
 
 
-async def build_snapshot_off_loop(doc: Any, *, version: int | None, source: str) -> Snapshot:
+async def build_snapshot_off_loop(doc: Any, *, version: int | None, source: str, reuse=None,
+                                  changed: frozenset | None = None) -> Snapshot:
     # A 10,000-env graph takes a few hundred ms to validate; a thread keeps the loop serving
     # (the GIL is released to it every switch interval).
-    return await asyncio.to_thread(build_snapshot, doc, version=version, source=source)
+    return await asyncio.to_thread(build_snapshot, doc, version=version, source=source,
+                                   reuse=reuse, changed=changed)
 
 
 def write_cache(path: str, doc: dict) -> None:

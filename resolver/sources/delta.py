@@ -114,3 +114,16 @@ def _list(value: Any, where: str) -> list | tuple:
     if not isinstance(value, list | tuple):
         raise ValueError(f"delta {where} must be a list of names")
     return value
+
+
+def changed_envs(deltas: list[dict]) -> frozenset | None:
+    """The env names a run of deltas sets or deletes, or None when any of them touches
+    something else (shared services, the baseline, ...): then nothing may be reused."""
+    names: set[str] = set()
+    for delta in deltas:
+        if set(delta) - {"envs", "set"} or set(delta.get("set", {})) - {"epoch", "version"}:
+            return None
+        part = delta.get("envs", {})
+        names.update(part.get("set", {}))
+        names.update(part.get("del", ()))
+    return frozenset(names)

@@ -29,7 +29,7 @@ import orjson
 from ..errors import GraphInvalid, StoreUnavailable
 from ..snapshot import Snapshot
 from ..sync import SnapshotCell, build_snapshot_off_loop, read_cache, write_cache
-from .delta import apply_delta
+from .delta import apply_delta, changed_envs
 from .redis_store import RedisStore, doc_digest
 
 log = logging.getLogger("stax.graph")
@@ -236,7 +236,13 @@ class RedisSource:
             log.warning("graph deltas from %s do not apply (%s); loading the whole graph",
                         self.name, exc)
             return False
-        snap = await self._build(doc, last.version, epoch)
+        # Envs the deltas did not touch keep their validated objects (see parse_graph).
+        cur = self.cell.current
+        reuse = None
+        if cur is not None and cur.version == self._version and cur.graph.epoch == epoch:
+            reuse = cur.graph
+        snap = await self._build(doc, last.version, epoch, reuse=reuse,
+                                 changed=changed_envs([rec.delta for rec in records]))
         if snap is not None:
             self.delta_loads += 1
             await self._accept(snap, doc, last.digest, last.version, epoch)
@@ -268,12 +274,13 @@ class RedisSource:
         self._regress_version = None
         self.cell.regression = False
 
-    async def _build(self, doc: Any, version: int, epoch: str) -> Snapshot | None:
+    async def _build(self, doc: Any, version: int, epoch: str, *, reuse=None,
+                     changed: frozenset | None = None) -> Snapshot | None:
         try:
             if not isinstance(doc, dict):
                 raise GraphInvalid(["graph document must be a mapping with 'baseline' and 'envs'"])
             return await build_snapshot_off_loop({**doc, "epoch": epoch}, version=version,
-                                                 source=self.name)
+                                                 source=self.name, reuse=reuse, changed=changed)
         except GraphInvalid as exc:
             self._reject(epoch, version, exc)
         except Exception as exc:  # a bug in validation must not look like a Redis outage

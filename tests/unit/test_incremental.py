@@ -1,0 +1,64 @@
+"""Incremental validation after a delta gives exactly the graph a full parse gives."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from resolver.errors import GraphInvalid
+from resolver.sources.delta import apply_delta, changed_envs, diff_docs
+from resolver.validate import parse_graph
+
+
+def base_doc(n: int = 30) -> dict:
+    envs = {"base": {"services": {f"s{i}": {"endpoints": [f"h{i}:80"]} for i in range(5)}}}
+    for i in range(n):
+        envs[f"e{i}"] = {"parent": "base" if i < 5 else f"e{i % 5}",
+                         "services": {f"s{i % 5}": {"endpoints": [f"x{i}:81"]}}}
+    return {"baseline": "base", "shared": {"auth": {"endpoints": ["a:1"]}}, "envs": envs}
+
+
+def incremental(old_doc: dict, new_doc: dict):
+    old = parse_graph(old_doc)
+    delta = diff_docs(old_doc, new_doc)
+    assert apply_delta(old_doc, delta) == new_doc
+    return parse_graph(new_doc, reuse=old, changed=changed_envs([delta])), old
+
+
+@settings(max_examples=150, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["set", "del", "add"]), st.integers(0, 29)), max_size=5))
+def test_incremental_equals_full(ops):
+    old_doc = base_doc()
+    new_doc = copy.deepcopy(old_doc)
+    for op, i in ops:
+        name = f"e{i}"
+        if op == "set" and name in new_doc["envs"]:
+            new_doc["envs"][name]["services"] = {"s9": {"endpoints": [f"new{i}:1"]}}
+        elif op == "del" and not any(e.get("parent") == name for e in new_doc["envs"].values()):
+            new_doc["envs"].pop(name, None)
+        elif op == "add":
+            new_doc["envs"][f"n{i}"] = {"parent": name if name in new_doc["envs"] else "base"}
+    got, old = incremental(old_doc, new_doc)
+    assert got == parse_graph(new_doc)
+    untouched = [n for n in old_doc["envs"] if n in new_doc["envs"] and old_doc["envs"][n] == new_doc["envs"][n]]
+    assert all(got.envs[n] is old.envs[n] for n in untouched)  # reused, not re-parsed
+
+
+def test_deleting_a_parent_still_referenced_is_rejected():
+    old_doc = base_doc()
+    new_doc = copy.deepcopy(old_doc)
+    del new_doc["envs"]["e1"]  # e6, e11, ... still name it as parent
+    with pytest.raises(GraphInvalid, match="missing parent 'e1'"):
+        incremental(old_doc, new_doc)
+
+
+def test_shared_change_means_no_reuse():
+    old_doc = base_doc()
+    new_doc = copy.deepcopy(old_doc)
+    new_doc["shared"]["s0"] = {"endpoints": ["shared:1"]}  # base overlays s0: now invalid
+    assert changed_envs([diff_docs(old_doc, new_doc)]) is None
+    with pytest.raises(GraphInvalid, match="shared and cannot be overlaid"):
+        incremental(old_doc, new_doc)
