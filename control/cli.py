@@ -118,16 +118,20 @@ def cmd_graph_show(args) -> int:
     return EXIT_OK
 
 
+def _report_error(exc: StaxError, *, as_json: bool) -> int:
+    if as_json:
+        _out(_dump({"error": exc.code, "message": exc.message}))
+    else:
+        _err(f"{exc.code}: {exc.message}")
+    return EXIT_ERROR
+
+
 def cmd_resolve(args) -> int:
     snap = _load_snapshot(args)
     try:
         info = snap.explain(args.env, args.service)
     except StaxError as exc:
-        if args.json:
-            _out(_dump({"error": exc.code, "message": exc.message}))
-        else:
-            _err(f"{exc.code}: {exc.message}")
-        return EXIT_ERROR
+        return _report_error(exc, as_json=args.json)
     if args.json:
         _out(_dump(info))
         return EXIT_OK
@@ -146,11 +150,7 @@ def cmd_config_explain(args) -> int:
     try:
         effective = snap.config(args.env)
     except StaxError as exc:
-        if args.json:
-            _out(_dump({"error": exc.code, "message": exc.message}))
-        else:
-            _err(f"{exc.code}: {exc.message}")
-        return EXIT_ERROR
+        return _report_error(exc, as_json=args.json)
     if args.json:
         _out(_dump({"env": args.env, "graph_version": snap.version, "chain": list(snap.chain(args.env)),
                     "config": {k: {"value": v, "from": src} for k, (v, src) in effective.items()}}))

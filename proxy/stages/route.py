@@ -13,6 +13,7 @@ from resolver.sync import SnapshotCell
 from resolver.validate import NAME_RE
 
 from ..request import Request
+from .path import normalize_path
 
 
 class NotReady(StaxError):
@@ -54,14 +55,18 @@ def make_gateway_route(cell: SnapshotCell, prefixes: list[tuple[bytes, str]]):
             ):
                 _resolve(cell, req, service)
                 return
-        if req.path[:1] != b"/":  # absolute-form at the edge: route by its authority, forward origin-form
-            _absolute_to_origin(req)
-        service = service_from_host(req.host)
-        if service is None:
-            raise NoRoute("no Host header and no route prefix matched")
-        _resolve(cell, req, service)
+        _route_by_host(cell, req, "no Host header and no route prefix matched")
 
     return route
+
+
+def _route_by_host(cell: SnapshotCell, req: Request, missing: str) -> None:
+    if req.path[:1] != b"/":  # absolute-form: route by its authority, forward origin-form
+        _absolute_to_origin(req)
+    service = service_from_host(req.host)
+    if service is None:
+        raise NoRoute(missing)
+    _resolve(cell, req, service)
 
 
 def _absolute_to_origin(req: Request) -> None:
@@ -72,10 +77,7 @@ def _absolute_to_origin(req: Request) -> None:
     authority, slash, path = rest.partition(b"/")
     if b"@" in authority:
         raise NoRoute("userinfo in request target is not allowed")
-    req.path = b"/" + path if slash else b"/"
-    if req.path[:1] == b"/" and (b"/." in req.path or b"//" in req.path or b"%" in req.path):
-        from .path import normalize_path
-        req.path = normalize_path(req.path)
+    req.path = normalize_path(b"/" + path if slash else b"/")
     if req.host is None:
         req.host = authority
         req.headers.append((b"host", b"Host", authority))
@@ -87,12 +89,7 @@ def _absolute_to_origin(req: Request) -> None:
 
 def make_egress_route(cell: SnapshotCell):
     def route(req: Request) -> None:
-        if req.path[:1] != b"/":
-            _absolute_to_origin(req)
-        service = service_from_host(req.host)
-        if service is None:
-            raise NoRoute("egress request has no Host header and no absolute-form target")
-        _resolve(cell, req, service)
+        _route_by_host(cell, req, "egress request has no Host header and no absolute-form target")
 
     return route
 
