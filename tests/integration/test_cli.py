@@ -92,3 +92,27 @@ def test_demo_runs_every_kind():
     for needle in ("local", "ancestor", "baseline", "shared", "unknown_env", "no_provider",
                    "orders=ancestor:team-a@v1"):
         assert needle in out.stdout, needle
+
+
+def test_graph_push_show_and_compare_and_set(redis_server, tmp_path):
+    url = redis_server.url
+    out = stax("graph", "push", GRAPH, "--redis", url)
+    assert out.returncode == 0 and "graph version 1" in out.stdout
+    out = stax("graph", "push", GRAPH, "--redis", url, "--expect-version", "1")
+    assert out.returncode == 0 and "graph version 2" in out.stdout
+    out = stax("graph", "push", GRAPH, "--redis", url, "--expect-version", "1")
+    assert out.returncode == 3 and "expected 1, store has 2" in out.stderr
+    shown = json.loads(stax("graph", "show", "--redis", url).stdout)
+    assert shown["version"] == 2 and shown["baseline"] == "baseline" and "team-a" in shown["envs"]
+    data = json.loads(stax("resolve", "--redis", url, "feature-1", "orders", "--json").stdout)
+    assert (data["kind"], data["provider_env"], data["graph_version"]) == ("ancestor", "team-a", 2)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("baseline: b\nenvs: {b: {parent: x}}\n")
+    out = stax("graph", "push", str(bad), "--redis", url)
+    assert out.returncode == 1 and "store unchanged" in out.stderr
+    assert json.loads(stax("graph", "show", "--redis", url).stdout)["version"] == 2
+
+
+def test_store_unreachable_is_a_clear_error():
+    out = stax("graph", "show", "--redis", "redis://127.0.0.1:1/0")
+    assert out.returncode == 1 and "127.0.0.1:1" in out.stderr and "Traceback" not in out.stderr
