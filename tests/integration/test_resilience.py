@@ -285,3 +285,20 @@ async def test_sigterm_drains_in_flight_requests(tmp_path, upstreams):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_round_robin_and_weights(tmp_path, proxies, upstreams):
+    a, b, c = await upstreams("a", "b", "c")
+    doc = {"baseline": "base", "envs": {"base": {"services": {
+        "rr": {"endpoints": [a.addr, b.addr]},
+        "weighted": {"endpoints": [{"address": a.addr, "weight": 3}, {"address": c.addr, "weight": 1}]}}}}}
+    rt, url = await gateway(proxies, tmp_path, doc)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(6):
+            async with s.get(url + "/", headers={"Host": "rr"}) as r:
+                assert r.status == 200
+        assert (len(a.seen), len(b.seen)) == (3, 3)
+        for _ in range(8):
+            async with s.get(url + "/", headers={"Host": "weighted"}) as r:
+                assert r.status == 200
+    assert (len(a.seen) - 3, len(c.seen)) == (6, 2)
