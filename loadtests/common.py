@@ -99,12 +99,11 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def core_busy_seconds(core: int) -> float:
-    """Non-idle time of one CPU core, from /proc/stat (to see what else ran on it)."""
+    """Time processes ran on one CPU core (user, nice, system; not interrupts), /proc/stat."""
     with open("/proc/stat") as f:
         for line in f:
             if line.startswith(f"cpu{core} "):
-                v = [int(x) for x in line.split()[1:]]
-                return (sum(v[:8]) - v[3] - v[4]) / CLK_TCK  # minus idle and iowait
+                return sum(int(x) for x in line.split()[1:4]) / CLK_TCK
     return 0.0
 
 

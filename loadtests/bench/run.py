@@ -156,7 +156,7 @@ def table(summary: list[dict], comparable: bool) -> str:
              for s in summary]
     widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
     out = [f"ratios: this proxy ÷ the reference at the same body and connections{note}; noise: "
-           "the largest share of the proxy's core used by other processes in any round",
+           "the largest share of the proxy's core that other processes used in any round",
            "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
            "  ".join("-" * w for w in widths)]
     prev = None
