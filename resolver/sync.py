@@ -102,11 +102,21 @@ def build_snapshot(doc: Any, *, version: int | None, source: str, reuse=None,
     return Snapshot(parse_graph(doc, version=version, reuse=reuse, changed=changed), source=source)
 
 
-def build_snapshot_from_bytes(data: bytes, *, version_if_unset: int | None, source: str) -> Snapshot:
-    """Decode + validate + build (a file source's whole job), for a worker thread."""
+def build_snapshot_from_bytes(data: bytes, *, version_if_unset: int | None, source: str,
+                              previous: tuple[dict, Snapshot] | None = None) -> tuple[Snapshot, Any]:
+    """Decode + validate + build (a file source's whole job), for a worker thread. With the
+    previous (document, snapshot), envs that did not change keep their validated objects."""
+    from .sources.delta import changed_env_names
+
     doc = load_document(data)
     explicit = isinstance(doc, dict) and "version" in doc
-    return build_snapshot(doc, version=None if explicit else version_if_unset, source=source)
+    reuse = changed = None
+    if previous is not None:
+        changed = changed_env_names(previous[0], doc)
+        reuse = previous[1].graph if changed is not None else None
+    snap = build_snapshot(doc, version=None if explicit else version_if_unset, source=source,
+                          reuse=reuse, changed=changed)
+    return snap, doc
 
 
 async def build_snapshot_off_loop(doc: Any, *, version: int | None, source: str, reuse=None,

@@ -127,3 +127,19 @@ def changed_envs(deltas: list[dict]) -> frozenset | None:
         names.update(part.get("set", {}))
         names.update(part.get("del", ()))
     return frozenset(names)
+
+
+def changed_env_names(old: dict, new: dict) -> frozenset | None:
+    """Like changed_envs, straight from two documents (a file source's reload): the envs
+    that differ, or None when anything besides envs (and version) differs."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return None
+    keys = (set(old) | set(new)) - {"envs", "version"}
+    if any(old.get(k, _MISSING) != new.get(k, _MISSING) for k in keys):
+        return None
+    before, after = old.get("envs"), new.get("envs")
+    if not isinstance(before, dict) or not isinstance(after, dict):
+        return None
+    changed = {name for name, env in after.items() if before.get(name, _MISSING) != env}
+    changed.update(name for name in before if name not in after)
+    return frozenset(changed)

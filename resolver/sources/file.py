@@ -35,6 +35,7 @@ class FileSource:
         self._stat: tuple | None = None
         self._digest = b""
         self._task: asyncio.Task | None = None
+        self._previous: tuple | None = None  # (document, snapshot) last accepted from the file
 
     def __repr__(self) -> str:
         return f"<FileSource {self.path} v{self.cell.version}>"
@@ -46,7 +47,9 @@ class FileSource:
             data = f.read()
         self._digest = hashlib.sha256(data).digest()
         doc = load_document(data)
-        self.cell.publish(build_snapshot(doc, version=None, source=f"file:{self.path}"))
+        snap = build_snapshot(doc, version=None, source=f"file:{self.path}")
+        self._previous = (doc, snap)
+        self.cell.publish(snap)
         self.cell.source_connected = True
 
     def _read_stat(self) -> tuple | None:
@@ -76,14 +79,16 @@ class FileSource:
         if digest == self._digest:
             self.cell.confirm()
             return
+        previous = self._previous if self._previous and self._previous[1] is self.cell.current else None
         try:  # decoding a big file is work too: all of it happens off the loop
-            snap = await asyncio.to_thread(build_snapshot_from_bytes, data,
-                                           version_if_unset=self.cell.version + 1,
-                                           source=f"file:{self.path}")
+            snap, doc = await asyncio.to_thread(build_snapshot_from_bytes, data,
+                                                version_if_unset=self.cell.version + 1,
+                                                source=f"file:{self.path}", previous=previous)
         except GraphInvalid as exc:
             self.cell.reject(f"file:{self.path}", exc)
             return
         self._digest = digest
+        self._previous = (doc, snap)
         self.cell.publish(snap)
 
     async def run(self) -> None:

@@ -62,3 +62,22 @@ def test_shared_change_means_no_reuse():
     assert changed_envs([diff_docs(old_doc, new_doc)]) is None
     with pytest.raises(GraphInvalid, match="shared and cannot be overlaid"):
         incremental(old_doc, new_doc)
+
+
+def test_file_reload_reuses_unchanged_envs_and_matches_a_full_parse():
+    from resolver.sources.delta import changed_env_names
+    from resolver.sync import build_snapshot_from_bytes
+
+    old_doc = base_doc()
+    import orjson
+
+    first, _ = build_snapshot_from_bytes(orjson.dumps(old_doc), version_if_unset=1, source="t")
+    new_doc = copy.deepcopy(old_doc)
+    new_doc["envs"]["e7"]["services"] = {"s3": {"endpoints": ["moved:9"]}}
+    assert changed_env_names(old_doc, new_doc) == {"e7"}
+    snap, doc = build_snapshot_from_bytes(orjson.dumps(new_doc), version_if_unset=2, source="t",
+                                          previous=(old_doc, first))
+    assert doc == new_doc and snap.graph == parse_graph(new_doc, version=2)
+    assert snap.graph.envs["e8"] is first.graph.envs["e8"]
+    new_doc["shared"] = {}
+    assert changed_env_names(old_doc, new_doc) is None
