@@ -93,6 +93,15 @@ class Echo:
             self.runner = None
 
 
+async def serve_app(app: web.Application, *, ssl_context=None) -> tuple[web.AppRunner, int]:
+    """Start an aiohttp app on a free loopback port: (runner to clean up, port)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]
+
+
 @pytest.fixture
 async def upstreams():
     """upstreams(name, ...) -> started Echo servers; all stopped at the end."""

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from tests.integration.test_streaming import wait_ready
-from tests.servers import free_port, port_of, write_graph
+from tests.servers import free_port, port_of, serve_app, write_graph
 
 pytestmark = pytest.mark.asyncio
 
@@ -135,11 +135,7 @@ async def start_ws_echo():
 
     app = web.Application()
     app.router.add_get("/ws", ws_handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]
+    return await serve_app(app)
 
 
 async def test_websocket_through_gateway_and_sidecar(tmp_path, proxies):
@@ -180,11 +176,7 @@ async def test_tls_upstream_and_tls_edge(tmp_path, proxies, ca):
 
     app = web.Application()
     app.router.add_get("/", hello)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=up_ctx)
-    await site.start()
-    up_port = site._server.sockets[0].getsockname()[1]
+    runner, up_port = await serve_app(app, ssl_context=up_ctx)
 
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
@@ -224,11 +216,7 @@ async def test_span_parentage_across_a_chain(tmp_path, proxies, upstreams):
 
     app = web.Application()
     app.router.add_get("/", web_app)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    app_port = site._server.sockets[0].getsockname()[1]
+    runner, app_port = await serve_app(app)
     path = write_graph(tmp_path / "g.yaml", graph({"web": [f"127.0.0.1:{web_in}"], "orders": [orders.addr]}))
     await proxies("sidecar", graph=path, env="base", service="web", app=f"127.0.0.1:{app_port}",
                   listen=f"127.0.0.1:{web_in}", egress=f"127.0.0.1:{web_out}", tracer_provider=provider)

@@ -8,7 +8,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.servers import free_port, port_of, raw_request, write_graph
+from tests.servers import free_port, port_of, raw_request, serve_app, write_graph
 
 pytestmark = pytest.mark.asyncio
 
@@ -28,11 +28,7 @@ async def start_web_app(egress_port: int):
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]
+    return await serve_app(app)
 
 
 @pytest.fixture
