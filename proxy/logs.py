@@ -31,3 +31,20 @@ def setup_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+access_log = logging.getLogger("stax.access")
+
+
+def log_access(listener: str, req, status: int, duration_s: float, endpoint=None) -> None:
+    """One JSON line per request (--access-log): off by default, it costs on the hot path."""
+    route = req.route
+    access_log.info({
+        "event": "request", "listener": listener, "method": req.method.decode("latin-1"),
+        "path": req.path.decode("latin-1")[:512], "status": status,
+        "duration_ms": round(duration_s * 1000, 3), "peer": req.peer, "env": req.env,
+        "service": req.service, "kind": route.kind if route is not None else None,
+        "provider_env": route.provider_env if route is not None else None,
+        "endpoint": str(endpoint) if endpoint is not None else None,
+        "trace_id": req.trace_id.decode() if req.trace_id else None,
+    })

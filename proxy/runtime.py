@@ -39,7 +39,8 @@ class Listener:
         self.stats = Stats(name)
         self.tls = tls
         self.forwarder = Forwarder(rt.pool, rt.health, self.stats, rt.budget, mode=name,
-                                   add_xfp=b"https" if tls else b"http", tracing=rt.tracing)
+                                   add_xfp=b"https" if tls else b"http", tracing=rt.tracing,
+                                   access_log=rt.config.access_log)
         self.tracing = rt.tracing
         self.server: asyncio.base_events.Server | None = None
         self.admit = rt.admission.admit

@@ -31,7 +31,8 @@ class Forwarder:
     """Shared state of the terminal stage: pool, balancing, health, metrics hooks."""
 
     def __init__(self, pool, health, stats, budget, *, mode: str, add_xfp: bytes,
-                 tracing=None) -> None:
+                 tracing=None, access_log: bool = False) -> None:
+        self.access_log = access_log
         self.tracing = tracing
         self.loop = asyncio.get_running_loop()  # cached: get_running_loop() costs a getpid()
         self.pool = pool
@@ -343,7 +344,7 @@ class Exchange:
         if conn is not None:
             conn.tunnel = None
             self.fw.pool.discard(conn)
-        self.fw.stats.observe(self.route, 101, time.monotonic() - self.t0)
+        self._record(101)
         self.client.tunnel_done(self)
 
     def upstream_failed(self, err: StaxError, conn) -> None:
@@ -409,7 +410,7 @@ class Exchange:
 
     def _finish(self) -> None:
         self.done = True
-        self.fw.stats.observe(self.route, self.status, time.monotonic() - self.t0)
+        self._record(self.status)
         if self.fw.tracing is not None:
             self._end_spans(self.status, None)
         self.client.exchange_done(self)
@@ -418,7 +419,7 @@ class Exchange:
         self._cancel_timers()
         self.done = True
         self.status = err.status
-        self.fw.stats.observe(self.route, err.status, time.monotonic() - self.t0)
+        self._record(err.status)
         if self.fw.tracing is not None:
             self._end_spans(err.status, err.code)
         self.client.exchange_failed(self, err)
@@ -426,10 +427,19 @@ class Exchange:
     def _abort_client(self) -> None:
         self._cancel_timers()
         self.done = True
-        self.fw.stats.observe(self.route, 502, time.monotonic() - self.t0)
+        self._record(502)
         if self.fw.tracing is not None:
             self._end_spans(502, "response aborted")
         self.client.abort()
+
+    def _record(self, status: int) -> None:
+        duration = time.monotonic() - self.t0
+        fw = self.fw
+        fw.stats.observe(self.route, status, duration)
+        if fw.access_log:
+            from ..logs import log_access
+
+            log_access(fw.mode, self.req, status, duration, self.endpoint)
 
     def _end_spans(self, status: int, error: str | None) -> None:
         from ..otel import end_span

@@ -108,3 +108,33 @@ def test_config_rejects_what_cannot_work(tmp_path):
     f.write_text("grpah: x\n")
     with pytest.raises(ValueError, match="unknown setting"):
         parse(["--config", str(f)], {})
+
+
+async def test_access_log_one_json_line_per_request(tmp_path, upstreams, proxies, caplog):
+    import logging
+
+    (up,) = await upstreams("up")
+    doc = {"baseline": "b", "envs": {"b": {"services": {"svc": {"endpoints": [up.addr]}}}}}
+    rt = await proxies("gateway", graph=write_graph(tmp_path / "g.yaml", doc), access_log=True)
+    port = port_of(rt, "gateway")
+    with caplog.at_level(logging.INFO, logger="stax.access"):
+        await raw_request(port, b"GET /a?x=1 HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+        await raw_request(port, b"GET / HTTP/1.1\r\nHost: nosuch\r\nConnection: close\r\n\r\n")
+    lines = [r.msg for r in caplog.records if r.name == "stax.access"]
+    assert len(lines) == 2
+    ok, missing = lines
+    assert (ok["status"], ok["path"], ok["service"], ok["kind"], ok["env"]) == (200, "/a?x=1", "svc", "local", "b")
+    assert ok["endpoint"] == f"http://{up.addr}" and len(ok["trace_id"]) == 32 and ok["duration_ms"] >= 0
+    assert (missing["status"], missing["service"], missing["kind"]) == (404, "nosuch", None)
+
+
+async def test_no_access_log_by_default(tmp_path, upstreams, proxies, caplog):
+    import logging
+
+    (up,) = await upstreams("up")
+    doc = {"baseline": "b", "envs": {"b": {"services": {"svc": {"endpoints": [up.addr]}}}}}
+    rt = await proxies("gateway", graph=write_graph(tmp_path / "g.yaml", doc))
+    with caplog.at_level(logging.INFO, logger="stax.access"):
+        out = await raw_request(port_of(rt, "gateway"), b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200")
+    assert not [r for r in caplog.records if r.name == "stax.access"]
