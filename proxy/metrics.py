@@ -62,10 +62,6 @@ class Stats:
     def error(self, code: str) -> None:
         self.local_errors[code] = self.local_errors.get(code, 0) + 1
 
-    def requests(self, service: str, kind: str, code_class: str) -> int:
-        cell = self._cells.get((service, kind))
-        return cell.codes[_CLASSES.index(code_class)] if cell else 0
-
 
 class ProxyCollector:
     """Reads the proxy's live state at scrape time."""

@@ -25,7 +25,7 @@ class Request:
         "env", "service", "route", "hops", "trace_id", "span_id", "trace_flags",
         "baggage", "started", "host", "expect_continue", "hop_names",
         "h_baggage", "h_env", "h_traceparent", "h_hops", "h_cookie", "h_xff", "h_xfp",
-        "h_upgrade", "span",
+        "span",
     )
 
     def __init__(self, method: bytes, target: bytes, version: str, headers: list,

@@ -13,7 +13,7 @@ from resolver.errors import UpstreamBadResponse
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "key", "transport", "parser", "exchange", "closed", "idle", "idle_since",
-        "headers", "interim", "no_body", "reset_parser", "uses", "got_bytes", "head_done",
+        "headers", "interim", "no_body", "reset_parser", "uses", "head_done",
         "eof_body", "tunnel",
     )
 
@@ -31,7 +31,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.no_body = False  # the request was HEAD: the response has no body whatever it says
         self.reset_parser = False
         self.uses = 0
-        self.got_bytes = False
         self.head_done = False
         self.eof_body = False
         self.tunnel = None  # after a 101: the Exchange relaying raw bytes both ways
@@ -46,7 +45,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.exchange = exchange
         self.headers = []
         self.no_body = no_body
-        self.got_bytes = self.head_done = self.eof_body = False
+        self.head_done = self.eof_body = False
         self.uses += 1
         self.transport.write(data)
 
@@ -69,7 +68,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
             self.pool.forget(self)
             return
-        self.got_bytes = True
         client = ex.client
         client.wbuf = []  # one write to the client for everything this read produces
         try:
