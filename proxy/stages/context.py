@@ -47,7 +47,13 @@ def parse_baggage(values: list[bytes], *, max_bytes: int, max_members: int) -> t
     return env, others
 
 
+_NAMES: dict[bytes, str] = {}  # valid names seen recently: a hit skips decode + regex
+
+
 def _check_name(raw: bytes, where: str) -> str:
+    name = _NAMES.get(raw)
+    if name is not None:
+        return name
     try:
         name = raw.decode("ascii")
     except UnicodeDecodeError:
@@ -55,6 +61,9 @@ def _check_name(raw: bytes, where: str) -> str:
     if not NAME_RE.fullmatch(name):
         shown = name if len(name) <= 70 else name[:67] + "..."
         raise BadContext(f"invalid env name {shown!r} in {where}")
+    if len(_NAMES) >= 16384:  # bounded: clients choose these bytes
+        _NAMES.clear()
+    _NAMES[raw] = name
     return name
 
 
