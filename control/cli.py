@@ -182,7 +182,11 @@ def cmd_proxy(args, mode: str) -> int:
     _setup_logging(cfg.log_level)
     from proxy.main import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except OSError as exc:  # a port in use, an unreadable certificate, ...
+        _err(f"stax {mode}: cannot start: {exc}")
+        return EXIT_ERROR
     return EXIT_OK
 
 

@@ -10,13 +10,14 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+
+from loadtests.common import free_port
 
 REDIS_SERVER = shutil.which("redis-server")
 EXAMPLE_GRAPH = os.path.join(os.path.dirname(__file__), "data", "graph.yaml")
@@ -41,10 +42,6 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, step: float 
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

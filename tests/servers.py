@@ -5,21 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 
 import orjson
 import pytest
 import yaml
 from aiohttp import web
 
+from loadtests.common import free_port  # noqa: F401  (one implementation, re-exported for tests)
 from proxy.config import ProxyConfig
 from proxy.main import start
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Echo:
