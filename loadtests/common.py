@@ -3,6 +3,7 @@ to cores, /proc sampling and the graph generator."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import random
 import shutil
@@ -181,3 +182,23 @@ def big_graph(upstream: str, *, envs: int = 10_000, services: int = 50, teams: i
 
 def env_names(doc: dict) -> list[str]:
     return list(doc["envs"])
+
+
+def http_get(port: int, path: str, headers: dict, timeout: float = 10) -> tuple[int, dict, bytes]:
+    """One GET to 127.0.0.1:port: (status, lower-cased headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def tool_version(cmd: list[str]) -> str:
+    """The first line a tool prints about its version, or "?"."""
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+        return (out.stdout + out.stderr).strip().splitlines()[0][:120]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "?"

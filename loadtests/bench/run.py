@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +18,7 @@ from pathlib import Path
 
 import orjson
 
-from ..common import ROOT, small_graph, two_cores
+from ..common import ROOT, http_get, small_graph, tool_version, two_cores
 from . import profile as prof
 from .load import TRACEPARENT, LoadSpec, have_wrk, run_load
 from .scale import run_scale
@@ -76,14 +74,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # -- correctness of what is measured ----------------------------------------------------------
-def _get(port: int, path: str, headers: dict) -> tuple[int, dict, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", path, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def check_target(t: Target, bodies: list[str]) -> list[str]:
@@ -91,12 +81,12 @@ def check_target(t: Target, bodies: list[str]) -> list[str]:
     problems = []
     spec = LoadSpec(t.port, "/small")
     for body in bodies:
-        status, headers, data = _get(t.port, BODY_PATHS[body], spec.headers("baseline"))
+        status, headers, data = http_get(t.port, BODY_PATHS[body], spec.headers("baseline"))
         if status != 200 or len(data) != BODY_BYTES[body]:
             problems.append(f"{body}: status {status}, {len(data)} bytes")
     if not t.name.startswith("stax"):
         return problems
-    status, seen, _ = _get(t.port, "/small", spec.headers("baseline"))
+    status, seen, _ = http_get(t.port, "/small", spec.headers("baseline"))
     trace, parent = TRACEPARENT.split("-")[1:3]
     tp = seen.get("x-seen-traceparent", "").split("-")
     expect = {
@@ -188,12 +178,6 @@ def scale_table(scale: dict) -> str:
     return "\n".join(out)
 
 
-def _version(cmd: list[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-        return (out.stdout + out.stderr).strip().splitlines()[0][:120]
-    except (OSError, IndexError, subprocess.SubprocessError):
-        return "?"
 
 
 def environment(args, upstream: Target, tool: str) -> dict:
@@ -201,9 +185,9 @@ def environment(args, upstream: Target, tool: str) -> dict:
     return {
         "host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "pinned": two_cores(),
         "python": platform.python_version(), "load_tool": tool,
-        "wrk": _version(["wrk", "-v"]) if have_wrk() else None,
-        "nginx": _version([nginx_bin(), "-v"]) if nginx_bin() else None,
-        "envoy": _version([envoy_bin(), "--version"]) if envoy_bin() else None,
+        "wrk": tool_version(["wrk", "-v"]) if have_wrk() else None,
+        "nginx": tool_version([nginx_bin(), "-v"]) if nginx_bin() else None,
+        "envoy": tool_version([envoy_bin(), "--version"]) if envoy_bin() else None,
         "upstream": upstream.note, "rounds": args.rounds, "duration_s": args.duration,
     }
 

@@ -17,7 +17,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ..bench.load import _DONE_LUA, LoadSpec
 from ..bench.targets import SMALL_BODY
-from ..common import SMALL_ENVS, cpu_seconds, free_port, rss_bytes, small_graph, spawn, stax_bin
+from ..common import (
+    SMALL_ENVS,
+    cpu_seconds,
+    free_port,
+    http_get,
+    rss_bytes,
+    small_graph,
+    spawn,
+    stax_bin,
+)
 
 PROXY_CORE, LOAD_CORE = 0, 1
 MARK = "SOAKJSON "
@@ -114,14 +123,6 @@ def log_levels(path: Path) -> dict[str, int]:
 
 
 # -- requests ---------------------------------------------------------------------------------
-def get(port: int, path: str, headers: dict, timeout: float = 5) -> tuple[int, dict, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
-    finally:
-        conn.close()
 
 
 def check_stream(name: str, port: int) -> list[str]:
@@ -130,7 +131,7 @@ def check_stream(name: str, port: int) -> list[str]:
     problems = []
     spec = LoadSpec(port, "/small")
     for env in SMALL_ENVS:
-        status, headers, body = get(port, "/small", spec.headers(env))
+        status, headers, body = http_get(port, "/small", spec.headers(env))
         route = headers.get("x-stax-route", "")
         if (status != 200 or body != SMALL_BODY.encode() or len(route.split(",")) != 2
                 or headers.get("x-seen-hops") != "2" or headers.get("x-seen-env") != env):
@@ -222,9 +223,9 @@ def sample_proxy(p: Proxy) -> dict:
         row["fds"] = None
     row["cpu_s"] = cpu_seconds([p.pid])
     try:
-        _, _, body = get(p.admin, "/metrics", {}, timeout=5)
+        _, _, body = http_get(p.admin, "/metrics", {}, timeout=5)
         row.update(parse_metrics(body.decode()))
-        status, _, body = get(p.admin, "/readyz", {}, timeout=5)
+        status, _, body = http_get(p.admin, "/readyz", {}, timeout=5)
         ready = json.loads(body)
         row["ready"] = status == 200 and ready.get("ready", False)
         row["readyz_version"] = ready.get("graph_version")

@@ -25,7 +25,6 @@ import contextlib
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,13 +36,12 @@ import orjson
 from resolver.sources.redis_store import RedisStore
 
 from ..bench.targets import nginx_bin, start_upstream
-from ..common import ROOT, stop, two_cores, wait_port
+from ..common import ROOT, http_get, stop, tool_version, two_cores, wait_port
 from .chain import (
     LOAD_CORE,
     Proxy,
     Stream,
     check_stream,
-    get,
     log_levels,
     sample_proxy,
     soak_graph,
@@ -145,7 +143,7 @@ async def converge(proxies: list[Proxy], version: int, timeout: float) -> dict:
             if out[p.name]["after_s"] is not None:
                 continue
             try:
-                _, _, body = await asyncio.to_thread(get, p.admin, "/readyz", {}, 2)
+                _, _, body = await asyncio.to_thread(http_get, p.admin, "/readyz", {}, 2)
                 v = orjson.loads(body).get("graph_version")
             except (OSError, ValueError):
                 v = None
@@ -396,12 +394,6 @@ def wrk_lines(res: dict) -> list[str]:
     return out
 
 
-def _version(cmd: list[str]) -> str:
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-        return (out.stdout + out.stderr).strip().splitlines()[0][:120]
-    except (OSError, IndexError, subprocess.SubprocessError):
-        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,9 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     for c in checks:
         print(f"{'PASS' if c['ok'] else 'FAIL'}  {c['check']:<9} {c['detail']}")
     env = {"host": platform.node(), "cores": os.cpu_count(), "pinned": two_cores(),
-           "python": platform.python_version(), "wrk": _version(["wrk", "-v"]),
-           "nginx": _version([nginx_bin(), "-v"]) if nginx_bin() else None,
-           "redis": _version(["redis-server", "--version"]), "upstream": res["upstream"]}
+           "python": platform.python_version(), "wrk": tool_version(["wrk", "-v"]),
+           "nginx": tool_version([nginx_bin(), "-v"]) if nginx_bin() else None,
+           "redis": tool_version(["redis-server", "--version"]), "upstream": res["upstream"]}
     out = Path(args.out) if args.out else RESULTS / time.strftime("soak-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps({
