@@ -126,6 +126,17 @@ def redact_url(url: str) -> str:
     return re.sub(r"((?:^|[?&])(?:sentinel_)?password=)[^&]*", r"\1***", url)
 
 
+def _split_url(url: str, kind: str) -> tuple[str, str | None, str | None, str, str, str]:
+    """`redis[s]+<kind>://[user:pass@]hosts[/path][?query]` -> its parts."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in (f"redis+{kind}", f"rediss+{kind}"):
+        raise ValueError(f"not a {kind} URL: {redact_url(url)}")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    username, password, hosts = _split_netloc(netloc)
+    return scheme, username, password, hosts, path, query
+
+
 class SentinelURL(NamedTuple):
     sentinels: list[tuple[str, int]]
     service: str
@@ -142,12 +153,7 @@ def parse_sentinel_url(url: str) -> SentinelURL:
     The password in the userinfo is the master's; `sentinel_password` authenticates to the
     sentinels. `rediss+sentinel://` uses TLS for both.
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("redis+sentinel", "rediss+sentinel"):
-        raise ValueError(f"not a sentinel URL: {redact_url(url)}")
-    rest, _, query = rest.partition("?")
-    netloc, _, path = rest.partition("/")
-    username, password, hosts = _split_netloc(netloc)
+    scheme, username, password, hosts, path, query = _split_url(url, "sentinel")
     sentinels = _parse_hosts(hosts, _SENTINEL_PORT, url, "sentinel")
     parts = [unquote(p) for p in path.split("/") if p]
     if not sentinels or not parts or len(parts) > 2:
@@ -179,12 +185,7 @@ def parse_cluster_url(url: str) -> ClusterURL:
     A cluster has only db 0. Options: socket and TLS settings (`ssl_ca_certs`, ...), see
     _CLUSTER_URL_OPTIONS.
     """
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme not in ("redis+cluster", "rediss+cluster"):
-        raise ValueError(f"not a cluster URL: {redact_url(url)}")
-    rest, _, query = rest.partition("?")
-    netloc, _, path = rest.partition("/")
-    username, password, hosts = _split_netloc(netloc)
+    scheme, username, password, hosts, path, query = _split_url(url, "cluster")
     nodes = _parse_hosts(hosts, _REDIS_PORT, url, "cluster")
     if not nodes:
         raise ValueError(f"want redis+cluster://host:port[,host:port...][/], got "
