@@ -118,10 +118,6 @@ class Runtime:
     def inflight(self) -> int:
         return self.admission.inflight
 
-    @property
-    def stats(self):  # the first listener's; metrics iterate all listeners
-        return self.listeners[0].stats
-
     # -- graph source ------------------------------------------------------------------------
     async def start_source(self) -> None:
         cfg = self.config

@@ -69,6 +69,10 @@ class UpstreamBadResponse(StaxError):
     status, code = 502, "upstream_bad_response"
 
 
+class NoGraph(StaxError):
+    status, code = 503, "no_graph"
+
+
 class NoHealthyEndpoint(StaxError):
     status, code = 503, "no_healthy_endpoint"
 

@@ -33,7 +33,7 @@ class SnapshotCell:
         self.sync_errors_total = 0
         self.regression = False
         self.last_error = ""
-        self._changed = asyncio.Condition() if _has_loop() else None
+        self._waiters: list[tuple[int, asyncio.Future]] = []  # (version, future): wait_for()
 
     def __repr__(self) -> str:
         return (f"<SnapshotCell v{self.version} connected={self.source_connected} "
@@ -58,8 +58,15 @@ class SnapshotCell:
         gc.freeze()
         log.info("graph v%s serving (%s envs, from %s)", snapshot.version,
                  len(snapshot.graph.envs), snapshot.source)
-        if self._changed is not None:
-            asyncio.ensure_future(self._notify())
+        if self._waiters:
+            waiting, self._waiters = self._waiters, []
+            for version, fut in waiting:
+                if fut.done():
+                    continue
+                if snapshot.version >= version:
+                    fut.set_result(True)
+                else:
+                    self._waiters.append((version, fut))
 
     def reject(self, source: str, exc: Exception) -> None:
         self.rejected_total += 1
@@ -71,29 +78,16 @@ class SnapshotCell:
         self.last_error = f"{source}: {exc}"
         log.warning("graph sync error from %s (serving v%s): %s", source, self.version, exc)
 
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
     async def wait_for(self, version: int, timeout: float) -> bool:
         """Wait until the serving version is >= `version` (tests, demo)."""
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        async with self._changed:
-            try:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.version >= version), timeout)
-            except TimeoutError:
-                return False
-        return True
-
-
-def _has_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False
+        if self.version >= version:
+            return True
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((version, fut))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return False
 
 
 def build_snapshot(doc: Any, *, version: int | None, source: str, reuse=None,

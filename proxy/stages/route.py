@@ -5,7 +5,7 @@ The snapshot reference is read once per request; resolution is a memoized dict l
 
 from __future__ import annotations
 
-from resolver.errors import MisdirectedRequest, NoProvider, NoRoute, StaxError
+from resolver.errors import MisdirectedRequest, NoGraph, NoProvider, NoRoute
 from resolver.layered_config import route_settings
 from resolver.model import Endpoint
 from resolver.snapshot import Route
@@ -14,10 +14,6 @@ from resolver.validate import NAME_RE
 
 from ..request import Request
 from .path import normalize_path
-
-
-class NotReady(StaxError):
-    status, code = 503, "no_graph"
 
 
 def service_from_host(host: bytes | None) -> str | None:
@@ -34,7 +30,7 @@ def service_from_host(host: bytes | None) -> str | None:
 def _resolve(cell: SnapshotCell, req: Request, service: str) -> None:
     snap = cell.current
     if snap is None:
-        raise NotReady("no graph loaded yet")
+        raise NoGraph("no graph loaded yet")
     req.service = service
     try:
         req.route = snap.resolve(req.env, service)
@@ -103,7 +99,7 @@ def make_ingress_route(cell: SnapshotCell, *, env: str, service: str, app: Endpo
     def route(req: Request) -> None:
         snap = cell.current
         if snap is None:
-            raise NotReady("no graph loaded yet")
+            raise NoGraph("no graph loaded yet")
         req.service = service
         if memo.get("v") is not snap:
             memo.clear()
