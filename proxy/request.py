@@ -48,7 +48,7 @@ class Request:
         self.hops = 0
         self.trace_id = self.span_id = b""
         self.trace_flags = b"01"
-        self.baggage: list[bytes] = []  # other baggage members, kept as received
+        self.baggage = b""  # the other baggage members, as received, joined by ","
         self.host: bytes | None = None
         self.expect_continue = False
         self.hop_names: frozenset = HOP_BY_HOP  # plus names listed in Connection

@@ -180,6 +180,7 @@ class Runtime:
         for listener in self.listeners:
             if listener.server is not None:
                 listener.server.close()
+            listener.forwarder.deadlines.close()
         for conn in list(self.connections):
             conn.close()
         if self._sweeper:

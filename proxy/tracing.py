@@ -25,9 +25,11 @@ def parse_traceparent(value: bytes | None) -> tuple[bytes, bytes, bytes] | None:
     """(trace_id, parent_span_id, flags) from a valid traceparent, else None."""
     if value is None:
         return None
-    m = _TRACEPARENT.fullmatch(value.strip().lower())
+    m = _TRACEPARENT.fullmatch(value)  # as sent by nearly everyone: no copies
     if m is None:
-        return None
+        m = _TRACEPARENT.fullmatch(value.strip().lower())
+        if m is None:
+            return None
     version, trace_id, parent, flags, rest = m.groups()
     if version == b"ff" or (version == b"00" and rest) or trace_id == _ZERO_TRACE or parent == _ZERO_SPAN:
         return None

@@ -30,6 +30,7 @@ from .targets import (
     envoy_bin,
     nginx_bin,
     start_envoy,
+    start_bare,
     start_naive,
     start_nginx_proxy,
     start_stax_gateway,
@@ -38,7 +39,7 @@ from .targets import (
 )
 
 BODY_BYTES = {"small": len(SMALL_BODY), "16k": 16384, "1m": 1 << 20}
-ALL_TARGETS = ["direct", "nginx", "envoy", "aiohttp-naive", "stax-gateway", "stax-sidecar"]
+ALL_TARGETS = ["direct", "nginx", "envoy", "aiohttp-naive", "python-floor", "stax-gateway", "stax-sidecar"]
 RESULTS = ROOT / "loadtests" / "results"
 
 
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             "nginx": lambda: start_nginx_proxy(tmp, upstream.port) if nginx_bin() else None,
             "envoy": lambda: start_envoy(tmp, upstream.port),
             "aiohttp-naive": lambda: start_naive(tmp, upstream.port),
+            "python-floor": lambda: start_bare(tmp, upstream.port),
             "stax-gateway": lambda: start_stax_gateway(tmp, graph),
             "stax-sidecar": lambda: start_stax_sidecar(tmp, graph, upstream.port),
         }

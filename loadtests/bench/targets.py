@@ -186,6 +186,15 @@ def start_naive(tmp: Path, upstream: int) -> Target:
     return Target("aiohttp-naive", port, proc, note="aiohttp server + one ClientSession, uvloop")
 
 
+def start_bare(tmp: Path, upstream: int) -> Target:
+    port = free_port()
+    proc = spawn([sys.executable, "-m", "loadtests.bare_protocol_proxy",
+                  "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}"],
+                 core=PROXY_CORE, log=tmp / "bare.out")
+    wait_port(port, proc=proc)
+    return Target("python-floor", port, proc, note="asyncio.Protocol + httptools, no features")
+
+
 def start_stax_gateway(tmp: Path, graph: Path, *, name: str = "stax-gateway",
                        log_level: str = "warning") -> Target:
     port, admin = free_port(), free_port()

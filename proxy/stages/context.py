@@ -14,10 +14,11 @@ from ..tracing import new_span_id, new_trace_id, parse_traceparent
 BAGGAGE_KEY = b"stax.env"
 
 
-def parse_baggage(values: list[bytes], *, max_bytes: int, max_members: int) -> tuple[bytes | None, list[bytes]]:
-    """(stax.env value, the other members as received). Raises HeadersTooLarge / BadContext."""
+def parse_baggage(values: list[bytes], *, max_bytes: int, max_members: int) -> tuple[bytes | None, bytes]:
+    """(stax.env value, the other members as received, joined by ","). Raises HeadersTooLarge /
+    BadContext."""
     if not values:
-        return None, []
+        return None, b""
     total = sum(len(v) for v in values) + len(values) - 1
     if total > max_bytes:
         raise HeadersTooLarge(f"baggage is {total} bytes (limit {max_bytes})")
@@ -44,7 +45,7 @@ def parse_baggage(values: list[bytes], *, max_bytes: int, max_members: int) -> t
                 env = found
             else:
                 others.append(member)
-    return env, others
+    return env, b",".join(others)
 
 
 _NAMES: dict[bytes, str] = {}  # valid names seen recently: a hit skips decode + regex
@@ -82,10 +83,12 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
     """`default_env(req)` names the env for a request with no context; `fallback(req)` (gateway)
     may find one in a cookie or subdomain when neither header is present."""
 
+    parsed_baggage: dict[bytes, tuple] = {}  # one header value -> its parse: values repeat a lot
+
     def context(req: Request) -> None:
         raw = req.h_hops
         if raw is None:
-            hops = 0
+            req.hops = 1
         else:
             raw = raw.strip()
             if not raw.isdigit() or len(raw) > 6:
@@ -93,10 +96,20 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
             hops = int(raw)
             if hops >= max_hops:
                 raise LoopDetected(f"{hops} stax hops (limit {max_hops}): routing loop?")
-        req.hops = hops + 1
+            req.hops = hops + 1
 
-        from_baggage, req.baggage = parse_baggage(
-            req.h_baggage, max_bytes=max_baggage_bytes, max_members=max_baggage_members)
+        values = req.h_baggage
+        if len(values) == 1:
+            found = parsed_baggage.get(values[0])
+            if found is None:
+                found = parse_baggage(values, max_bytes=max_baggage_bytes, max_members=max_baggage_members)
+                if len(parsed_baggage) >= 4096:  # bounded: clients choose these bytes
+                    parsed_baggage.clear()
+                parsed_baggage[values[0]] = found
+            from_baggage, req.baggage = found
+        else:
+            from_baggage, req.baggage = parse_baggage(
+                values, max_bytes=max_baggage_bytes, max_members=max_baggage_members)
         header = req.h_env.strip() if req.h_env is not None else None
         if from_baggage is not None:
             if header is not None and header != from_baggage:

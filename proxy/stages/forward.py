@@ -19,6 +19,7 @@ from resolver.errors import (
     UpstreamUnavailable,
 )
 
+from ..deadlines import Deadlines
 from ..errors import status_line
 from ..request import HOP_BY_HOP, IDEMPOTENT, REWRITTEN, Request
 
@@ -39,6 +40,7 @@ class Forwarder:
         self.health = health
         self.stats = stats
         self.budget = budget
+        self.deadlines = Deadlines(self.loop)
         self.mode = mode
         self.add_xfp = add_xfp
 
@@ -52,7 +54,7 @@ class Forwarder:
 class Exchange:
     __slots__ = (
         "fw", "client", "req", "route", "head", "body", "body_bytes", "body_done",
-        "body_streamed", "conn", "attempt", "tried", "timer", "responded", "done", "resp_chunked",
+        "body_streamed", "conn", "attempt", "tried", "timer_on", "responded", "done", "resp_chunked",
         "resp_close", "status", "t0", "last_activity", "idle_timer", "endpoint", "connecting",
         "tunnel", "early", "cspan", "need_idle",
     )
@@ -70,7 +72,7 @@ class Exchange:
         self.conn = None
         self.attempt = 0
         self.tried: list = []
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer_on = False  # waiting in fw.deadlines for the response head
         self.idle_timer: asyncio.TimerHandle | None = None
         self.responded = False  # response head written to the client
         self.done = False
@@ -151,12 +153,13 @@ class Exchange:
 
     def _arm_timeout(self) -> None:
         # timeout_ms runs from the request fully sent to the response head received
-        self.timer = self.fw.loop.call_later(self.route.timeout_s, self._on_timeout)
+        self.timer_on = True
+        self.fw.deadlines.add(self, self.route.timeout_s)
 
     def _attempt_failed(self, err: StaxError, conn) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.timer_on:
+            self.timer_on = False
+            self.fw.deadlines.waiting.pop(self, None)
         if conn is not None:
             self.fw.pool.discard(conn)
             self.conn = None
@@ -173,8 +176,9 @@ class Exchange:
                 pass
         self._fail(err)
 
-    def _on_timeout(self) -> None:
-        self.timer = None
+    def timed_out(self) -> None:
+        """Called by fw.deadlines: no response head within timeout_ms."""
+        self.timer_on = False
         if self.done or self.responded:
             return
         self._attempt_failed(
@@ -209,14 +213,14 @@ class Exchange:
         if self.conn is not None:
             if self.req.chunked:
                 self.conn.transport.write(b"0\r\n\r\n")
-            if not self.responded and self.timer is None:
+            if not self.responded and not self.timer_on:
                 self._arm_timeout()
 
     # -- response (upstream -> client) -------------------------------------------------------
     def on_response_head(self, conn, status: int, headers: list) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.timer_on:
+            self.timer_on = False
+            self.fw.deadlines.waiting.pop(self, None)
         self.status = status
         self.fw.health.success(self.endpoint)
         req = self.req
@@ -401,9 +405,9 @@ class Exchange:
 
     # -- endings -----------------------------------------------------------------------------
     def _cancel_timers(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.timer_on:
+            self.timer_on = False
+            self.fw.deadlines.waiting.pop(self, None)
         if self.idle_timer is not None:
             self.idle_timer.cancel()
             self.idle_timer = None
@@ -496,7 +500,7 @@ def _request_head(req: Request, xfp: bytes) -> bytes:
         out.append(name + b": " + value + b"\r\n")
     baggage = b"stax.env=" + env
     if req.baggage:
-        baggage = b",".join(req.baggage) + b"," + baggage
+        baggage = req.baggage + b"," + baggage
     xff = req.peer.encode() if req.h_xff is None else req.h_xff + b", " + req.peer.encode()
     out.append(
         b"x-stax-env: %b\r\nbaggage: %b\r\ntraceparent: 00-%b-%b-%b\r\nx-stax-hops: %d\r\n"
