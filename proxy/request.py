@@ -14,6 +14,7 @@ REWRITTEN = frozenset({
     b"x-forwarded-for", b"x-forwarded-proto", b"expect",
     b"x-stax-env-token",  # a credential for the edge: never forwarded
 })
+NOT_COPIED = HOP_BY_HOP | REWRITTEN  # request headers never copied as received
 
 
 class Request:
@@ -51,9 +52,9 @@ class Request:
         self.baggage = b""  # the other baggage members, as received, joined by ","
         self.host: bytes | None = None
         self.expect_continue = False
-        self.hop_names: frozenset = HOP_BY_HOP  # plus names listed in Connection
+        self.hop_names: frozenset = NOT_COPIED  # plus names listed in Connection
         # Raw values of the headers stax interprets, picked out in one pass by sanitize.
-        self.h_baggage: list[bytes] = []
+        self.h_baggage: list[bytes] | None = None
         self.h_env: bytes | None = None
         self.h_traceparent: bytes | None = None
         self.h_hops: bytes | None = None

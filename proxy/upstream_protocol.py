@@ -9,11 +9,16 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from resolver.errors import UpstreamBadResponse
 
+from .request import HOP_BY_HOP
+
+# Response headers stax interprets; every other header is forwarded as one ready line.
+INTERPRETED = HOP_BY_HOP | {b"content-length", b"x-stax-route"}
+
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "key", "transport", "parser", "exchange", "closed", "idle", "idle_since",
-        "headers", "interim", "no_body", "reset_parser", "uses", "head_done",
+        "lines", "special", "interim", "no_body", "reset_parser", "uses", "head_done",
         "eof_body", "tunnel",
     )
 
@@ -26,7 +31,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.idle = False
         self.idle_since = 0.0
-        self.headers: list = []
+        self.lines: list[bytes] = [b""]  # [status line, "name: value\r\n", ...] of the response
+        self.special: list = []  # (lowercased name, value) of the INTERPRETED headers
         self.interim = False
         self.no_body = False  # the request was HEAD: the response has no body whatever it says
         self.reset_parser = False
@@ -43,7 +49,8 @@ class UpstreamConnection(asyncio.Protocol):
     def begin(self, exchange, data: bytes, *, no_body: bool) -> None:
         """Start a request: `data` is its head (and whatever body is already at hand)."""
         self.exchange = exchange
-        self.headers = []
+        self.lines = [b""]
+        self.special = []
         self.no_body = no_body
         self.head_done = self.eof_body = False
         self.uses += 1
@@ -117,16 +124,21 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        lname = name.lower()
+        if lname in INTERPRETED:
+            self.special.append((lname, value))
+        else:
+            self.lines.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self.interim = True  # 1xx: stax answers `Expect` itself, so skip interim heads
-            self.headers = []
+            self.lines = [b""]
+            self.special = []
             return
         self.head_done = True
-        self.exchange.on_response_head(self, status, self.headers)
+        self.exchange.on_response_head(self, status, self.lines, self.special)
         if self.no_body:
             self.reset_parser = True  # llhttp would wait for the body a HEAD response lacks
             self.exchange.on_response_complete(self, self.parser.should_keep_alive())

@@ -99,7 +99,9 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
             req.hops = hops + 1
 
         values = req.h_baggage
-        if len(values) == 1:
+        if values is None:
+            from_baggage = None
+        elif len(values) == 1:
             found = parsed_baggage.get(values[0])
             if found is None:
                 found = parse_baggage(values, max_bytes=max_baggage_bytes, max_members=max_baggage_members)

@@ -21,7 +21,7 @@ from resolver.errors import (
 
 from ..deadlines import Deadlines
 from ..errors import status_line
-from ..request import HOP_BY_HOP, IDEMPOTENT, REWRITTEN, Request
+from ..request import IDEMPOTENT, Request
 
 BODY_RETRY_LIMIT = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
@@ -217,7 +217,9 @@ class Exchange:
                 self._arm_timeout()
 
     # -- response (upstream -> client) -------------------------------------------------------
-    def on_response_head(self, conn, status: int, headers: list) -> None:
+    def on_response_head(self, conn, status: int, lines: list, special: list) -> None:
+        """`lines`: [placeholder, forwarded header lines...]; `special`: (lowercased name, value)
+        of the headers stax interprets (hop-by-hop, Content-Length, X-Stax-Route)."""
         if self.timer_on:
             self.timer_on = False
             self.fw.deadlines.waiting.pop(self, None)
@@ -225,37 +227,32 @@ class Exchange:
         self.fw.health.success(self.endpoint)
         req = self.req
         client = self.client
-        out = [status_line(status)]
+        lines[0] = status_line(status)
+        out = lines
         theirs = None
         length = None
         chunked = False
-        hop = HOP_BY_HOP
+        upgrade = b""
         extra_hop = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"connection":
+        for lname, value in special:
+            if lname == b"content-length":
+                length = value
+            elif lname == b"connection":
                 tokens = {t.strip().lower() for t in value.split(b",")}
                 if b"close" in tokens:
                     self.resp_close = True
                 tokens -= _CONNECTION_OPTIONS
                 if tokens:  # names other headers as hop-by-hop: filter them below
                     extra_hop = tokens if extra_hop is None else extra_hop | tokens
-                continue
-            if lname in hop:
-                if lname == b"transfer-encoding":
-                    chunked = True
-                continue
-            if lname == b"content-length":
-                length = value
-                continue
-            if lname == b"x-stax-route":
+            elif lname == b"transfer-encoding":
+                chunked = True
+            elif lname == b"x-stax-route":
                 theirs = value if theirs is None else theirs + b"," + value
-                continue
-            out.append(name + b": " + value + b"\r\n")
+            elif lname == b"upgrade":
+                upgrade = value
         if extra_hop:
-            out = [line for line in out if line.split(b":", 1)[0].lower() not in extra_hop]
+            out = [out[0]] + [line for line in out[1:] if line.split(b":", 1)[0].lower() not in extra_hop]
         if status == 101:
-            upgrade = next((v for n, v in headers if n.lower() == b"upgrade"), b"")
             out.append(b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n")
         route_value = self.route.header if theirs is None else self.route.header + b"," + theirs
         out.append(b"x-stax-route: " + route_value + b"\r\n")
@@ -276,9 +273,7 @@ class Exchange:
                 client.close_after = True
         if req.upgrade is not None and status != 101:
             client.close_after = True  # the client's parser stopped at the Upgrade head
-        if status == 101:
-            pass
-        elif client.close_after or not req.keep_alive or client.server.draining:
+        if status != 101 and (client.close_after or not req.keep_alive or client.server.draining):
             client.close_after = True
             out.append(b"connection: close\r\n")
         out.append(b"\r\n")
@@ -493,9 +488,9 @@ def _request_head(req: Request, xfp: bytes) -> bytes:
     """The upstream request head: hop-by-hop dropped, context headers rewritten."""
     env = req.env.encode()
     out = [req.method, b" ", req.path, b" HTTP/1.1\r\n"]
-    skip = req.hop_names
+    skip = req.hop_names  # NOT_COPIED, plus names listed in Connection
     for lname, name, value in req.headers:
-        if lname in skip or lname in REWRITTEN:
+        if lname in skip:
             continue
         out.append(name + b": " + value + b"\r\n")
     baggage = b"stax.env=" + env

@@ -6,6 +6,8 @@ one unambiguous body framing or a 400.
 
 from __future__ import annotations
 
+import re
+
 from resolver.errors import BadRequest, HeadersTooLarge, MethodNotAllowed
 
 from ..request import HOP_BY_HOP, Request
@@ -19,6 +21,9 @@ _KINDS = {
     b"transfer-encoding": _TRANSFER_ENCODING, b"connection": _CONNECTION, b"upgrade": _UPGRADE,
     b"cookie": _COOKIE, b"x-forwarded-for": _XFF, b"x-forwarded-proto": _XFP, b"expect": _EXPECT,
 }
+
+
+_MAY_NEED_NORMALIZING = re.compile(rb"/\.|//|%").search  # one scan instead of three `in` tests
 
 
 def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers: frozenset,
@@ -44,7 +49,10 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
                     raise BadRequest("more than one Host header")
                 req.host = value
             elif kind == _BAGGAGE:
-                req.h_baggage.append(value)
+                if req.h_baggage is None:
+                    req.h_baggage = [value]
+                else:
+                    req.h_baggage.append(value)
             elif kind == _ENV:
                 if req.h_env is not None and value != req.h_env:
                     raise BadRequest("conflicting x-stax-env headers")
@@ -89,8 +97,9 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
             req.content_length = int(content_length)
         if drop or (strip_internal and req.peer not in trusted_peers and (req.h_xff or req.h_xfp)):
             _strip_untrusted(req, trusted_peers)
-        if req.path[:1] == b"/":
-            req.path = normalize_path(req.path)
+        path = req.path
+        if path[:1] == b"/" and _MAY_NEED_NORMALIZING(path) is not None:
+            req.path = normalize_path(path)
 
     return sanitize
 
