@@ -30,7 +30,7 @@ class EndpointHealth:
     def __repr__(self) -> str:
         return f"<EndpointHealth tracked={len(self._state)} ejected={len(self._ejected)}>"
 
-    def pick(self, route, tried: list):
+    def pick(self, route, tried: list | None):
         picks = route.picks
         n = len(picks)
         i = route.rr
@@ -43,7 +43,7 @@ class EndpointHealth:
             ep = picks[(i + k) % n]
             if ep.address in self._ejected and not self._readmit(ep.address, now):
                 continue
-            if ep in tried:
+            if tried and ep in tried:
                 fallback = fallback or ep
                 continue
             return ep

@@ -20,10 +20,11 @@ class Endpoint:
     port: int
     weight: int = 1
     attrs: MappingProxyType = field(default_factory=lambda: EMPTY)  # region, cluster, jurisdiction, ... (room for relocation)
+    # "scheme://host:port", computed once: the upstream pool is keyed by it on every request
+    address: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def address(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", f"{self.scheme}://{self.host}:{self.port}")
 
     def __str__(self) -> str:
         return self.address

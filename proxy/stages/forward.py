@@ -65,13 +65,14 @@ class Exchange:
         self.req = req
         self.route = req.route
         self.head = _request_head(req, fw.add_xfp)
-        self.body: list[bytes] | None = [] if req.has_body else None
+        has_body = req.chunked or bool(req.content_length)
+        self.body: list[bytes] | None = [] if has_body else None
         self.body_bytes = 0
-        self.body_done = not req.has_body
+        self.body_done = not has_body
         self.body_streamed = False  # some body went upstream unbuffered: no retry possible
         self.conn = None
         self.attempt = 0
-        self.tried: list = []
+        self.tried: list | None = None  # endpoints of failed attempts, made on the first retry
         self.timer_on = False  # waiting in fw.deadlines for the response head
         self.idle_timer: asyncio.TimerHandle | None = None
         self.responded = False  # response head written to the client
@@ -79,12 +80,11 @@ class Exchange:
         self.resp_chunked = False
         self.resp_close = False
         self.status = 0
-        self.t0 = time.monotonic()
-        self.last_activity = self.t0
+        self.t0 = self.last_activity = req.started
         self.endpoint = None
         self.connecting = None
         self.tunnel = False
-        self.early: list[bytes] = []  # client bytes after an Upgrade head, before the 101
+        self.early: list[bytes] | None = None  # client bytes after an Upgrade head, before the 101
         self.cspan = None  # OpenTelemetry client span of the current attempt
         self.need_idle = False  # arm the body idle timer once this read is processed
 
@@ -93,9 +93,13 @@ class Exchange:
 
     # -- attempts ----------------------------------------------------------------------------
     def start(self) -> None:
+        if self.endpoint is not None:  # a retry: avoid what was tried
+            if self.tried is None:
+                self.tried = [self.endpoint]
+            else:
+                self.tried.append(self.endpoint)
         ep = self.fw.health.pick(self.route, self.tried)  # raises NoHealthyEndpoint
         self.endpoint = ep
-        self.tried.append(ep)
         self.attempt += 1
         if self.fw.tracing is not None:
             self._trace_attempt(ep)
@@ -315,9 +319,9 @@ class Exchange:
         self.last_activity = time.monotonic()
         if rest:
             self.client.write(rest)
-        for chunk in self.early:
+        for chunk in self.early or ():
             conn.transport.write(chunk)
-        self.early = []
+        self.early = None
         self._arm_idle()
 
     def client_data(self, data: bytes) -> None:
@@ -325,6 +329,8 @@ class Exchange:
         self.last_activity = time.monotonic()
         if self.tunnel:
             self.conn.transport.write(data)
+        elif self.early is None:
+            self.early = [data]
         else:
             self.early.append(data)
 
