@@ -38,6 +38,7 @@ class Listener:
         self.connections = rt.connections
         self.stats = Stats(name)
         self.tls = tls
+        self.draining = False  # set with the runtime's: read on every request
         self.forwarder = Forwarder(rt.pool, rt.health, self.stats, rt.budget, mode=name,
                                    add_xfp=b"https" if tls else b"http", tracing=rt.tracing,
                                    access_log=rt.config.access_log)
@@ -48,10 +49,6 @@ class Listener:
 
     def __repr__(self) -> str:
         return f"<Listener {self.name} stages={[s.__name__ for s in self.stages]}>"
-
-    @property
-    def draining(self) -> bool:
-        return self.rt.draining
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
@@ -167,6 +164,8 @@ class Runtime:
         if self.draining:
             return
         self.draining = True
+        for listener in self.listeners:
+            listener.draining = True
         log.info("draining: %d in flight, up to %ss", self.inflight, self.config.drain_timeout)
         deadline = time.monotonic() + self.config.drain_timeout
         for conn in list(self.connections):  # idle keep-alive connections can go now

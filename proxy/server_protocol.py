@@ -51,6 +51,10 @@ class ClientConnection(asyncio.Protocol):
         self.wbuf: list[bytes] | None = None  # set while an upstream read is being processed
         self.deferred_error: StaxError | None = None
         self.eof = False  # the client half-closed: close once its requests are answered
+        cfg = runtime.config  # read on every request: kept at hand
+        self.header_timeout = cfg.header_timeout
+        self.keepalive_timeout = cfg.keepalive_timeout
+        self.max_head_bytes = cfg.max_head_bytes
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.peer} exchange={self.exchange!r} queued={len(self.queue)}>"
@@ -61,7 +65,7 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         self.server.connections.add(self)
-        self.deadline = time.monotonic() + self.server.config.header_timeout
+        self.deadline = time.monotonic() + self.header_timeout
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -103,9 +107,9 @@ class ClientConnection(asyncio.Protocol):
         if self.in_head and not self.closed:
             # llhttp buffers a partial head: bound what a client can make us hold
             self.head_bytes += len(data)
-            if self.head_bytes > self.server.config.max_head_bytes:
+            if self.head_bytes > self.max_head_bytes:
                 self.send_error(None, HeadersTooLarge(
-                    f"request head over {self.server.config.max_head_bytes} bytes"), close=True)
+                    f"request head over {self.max_head_bytes} bytes"), close=True)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -182,7 +186,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes = 0
         self.url = b""
         self.headers = []
-        self.deadline = time.monotonic() + self.server.config.header_timeout
+        self.deadline = time.monotonic() + self.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -197,9 +201,9 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0
         if self.closed:
             return
-        if self.head_bytes > self.server.config.max_head_bytes:
+        if self.head_bytes > self.max_head_bytes:
             self.send_error(None, HeadersTooLarge(
-                f"request head over {self.server.config.max_head_bytes} bytes"), close=True)
+                f"request head over {self.max_head_bytes} bytes"), close=True)
             return
         parser = self.parser
         req = Request(parser.get_method(), self.url, parser.get_http_version(), self.headers,
@@ -335,7 +339,7 @@ class ClientConnection(asyncio.Protocol):
                 self.resume_reading("pipeline")
             self._handle(item.req, item.chunks, item.complete)
         else:
-            self.deadline = time.monotonic() + self.server.config.keepalive_timeout
+            self.deadline = time.monotonic() + self.keepalive_timeout
 
     def check_deadline(self, now: float) -> None:
         """Called by the sweeper: header-read timeout (408) and keep-alive idle close."""

@@ -18,7 +18,7 @@ INTERPRETED = HOP_BY_HOP | {b"content-length", b"x-stax-route"}
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "key", "transport", "parser", "exchange", "closed", "idle", "idle_since",
-        "lines", "special", "interim", "no_body", "reset_parser", "uses", "head_done",
+        "lines", "special", "status", "interim", "no_body", "reset_parser", "uses", "head_done",
         "eof_body", "tunnel",
     )
 
@@ -33,6 +33,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle_since = 0.0
         self.lines: list[bytes] = [b""]  # [status line, "name: value\r\n", ...] of the response
         self.special: list = []  # (lowercased name, value) of the INTERPRETED headers
+        self.status = 0
         self.interim = False
         self.no_body = False  # the request was HEAD: the response has no body whatever it says
         self.reset_parser = False
@@ -131,7 +132,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.lines.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
+        status = self.status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self.interim = True  # 1xx: stax answers `Expect` itself, so skip interim heads
             self.lines = [b""]
@@ -151,6 +152,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self.interim:
             self.interim = False
             return
-        if self.no_body or self.parser.get_status_code() == 101:
+        if self.no_body or self.status == 101:
             return  # HEAD: already complete; 101: the tunnel starts in on_upgrade
         self.exchange.on_response_complete(self, self.parser.should_keep_alive())

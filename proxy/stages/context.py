@@ -105,7 +105,7 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
             found = parsed_baggage.get(values[0])
             if found is None:
                 found = parse_baggage(values, max_bytes=max_baggage_bytes, max_members=max_baggage_members)
-                if len(parsed_baggage) >= 4096:  # bounded: clients choose these bytes
+                if len(parsed_baggage) >= 16384:  # bounded: clients choose these bytes
                     parsed_baggage.clear()
                 parsed_baggage[values[0]] = found
             from_baggage, req.baggage = found

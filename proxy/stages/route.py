@@ -15,16 +15,26 @@ from resolver.validate import NAME_RE
 from ..request import Request
 from .path import normalize_path
 
+_SERVICES: dict[bytes, str | None] = {}  # Host values seen recently: they repeat on every request
+
 
 def service_from_host(host: bytes | None) -> str | None:
     """First label of the Host header, lowercased, port dropped."""
     if not host:
         return None
+    try:
+        return _SERVICES[host]
+    except KeyError:
+        pass
     label = host.split(b":", 1)[0].split(b".", 1)[0].lower()
     try:
-        return label.decode("ascii") or None
+        service = label.decode("ascii") or None
     except UnicodeDecodeError:
-        return None
+        service = None
+    if len(_SERVICES) >= 4096:  # bounded: clients choose these bytes
+        _SERVICES.clear()
+    _SERVICES[host] = service
+    return service
 
 
 def _resolve(cell: SnapshotCell, req: Request, service: str) -> None:
