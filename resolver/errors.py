@@ -98,6 +98,9 @@ class GraphInvalid(StaxError):
         self.problems = list(problems)
         super().__init__("; ".join(self.problems))
 
+    def __reduce__(self):  # crosses a process boundary whole (the file decoder helper)
+        return (type(self), (self.problems,))
+
 
 class VersionConflict(StaxError):
     status, code = 409, "version_conflict"

@@ -37,15 +37,18 @@ def valid_name(name: object) -> bool:
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
 
 
+_JSON_START = re.compile(rb"\s*\{")
+
+
 def load_document(data: bytes | str) -> Any:
     """Decode a graph file: JSON when it looks like JSON, else YAML. Raises GraphInvalid."""
-    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    if not text.strip():
+    raw = data.encode() if isinstance(data, str) else data
+    if not raw.strip():
         raise GraphInvalid(["document is empty"])
     try:
-        if text.lstrip().startswith("{"):
-            return orjson.loads(text)
-        return yaml.load(text, Loader=_YamlLoader)
+        if _JSON_START.match(raw):
+            return orjson.loads(raw)  # bytes straight in: no text copy of a big graph
+        return yaml.load(raw.decode("utf-8", "replace"), Loader=_YamlLoader)
     except (orjson.JSONDecodeError, yaml.YAMLError) as exc:
         raise GraphInvalid([f"document does not parse: {exc}".replace("\n", " ")]) from None
 
@@ -172,6 +175,12 @@ def parse_graph(doc: Any, *, version: int | None = None, reuse: Graph | None = N
     if baseline is not None and valid_name(baseline) and baseline not in raw_envs:
         problems.append(f"missing baseline: env {baseline!r} is not defined under envs")
 
+    if (reuse is not None and changed is not None and not problems and baseline == reuse.baseline
+            and len(raw_envs) == len(reuse.envs)
+            and all(n in raw_envs and n in reuse.envs for n in changed)):
+        # The same env names: re-validate only the changed envs (a delta's usual shape).
+        return _reparse_changed(doc, raw_envs, raw_shared, shared, reuse, changed, version, epoch)
+
     envs: dict[str, Env] = {}
     parents: dict[str, str | None] = {}
     reusable = reuse.envs if reuse is not None and changed is not None else {}
@@ -184,49 +193,10 @@ def parse_graph(doc: Any, *, version: int | None = None, reuse: Graph | None = N
             parents[name] = parent
             envs[name] = kept
             continue
-        if not valid_name(name):
-            problems.append(f"bad env name {name!r} (want [a-z0-9][a-z0-9-]{{0,62}})")
-            continue
-        raw = raw or {}
-        if not isinstance(raw, dict):
-            problems.append(f"env {name}: must be a mapping")
-            continue
-        extra = set(raw) - _ENV_KEYS
-        if extra:
-            problems.append(f"env {name}: unknown field(s) {sorted(extra)}")
-        parent = raw.get("parent")
-        if name == baseline:
-            if parent is not None:
-                problems.append(f"env {name}: the baseline cannot have a parent")
-                parent = None
-        elif parent is None:
-            problems.append(f"env {name}: missing parent (only the baseline {baseline!r} has none)")
-        elif not valid_name(parent):
-            problems.append(f"env {name}: bad parent name {parent!r}")
-            parent = None
-        elif parent not in raw_envs:
-            problems.append(f"env {name}: missing parent {parent!r} (not defined under envs)")
-        parents[name] = parent
-        services: dict[str, Overlay] = {}
-        raw_services = raw.get("services") or {}
-        if not isinstance(raw_services, dict):
-            problems.append(f"env {name}: services must be a mapping")
-            raw_services = {}
-        for svc, raw_ov in raw_services.items():
-            if svc in raw_shared:
-                problems.append(f"env {name}: service {svc} is shared and cannot be overlaid")
-                continue
-            ov = _overlay(f"env {name}", svc, raw_ov, problems)
-            if ov:
-                services[svc] = ov
-        private = raw.get("private", False)
-        if not isinstance(private, bool):
-            problems.append(f"env {name}: private must be true or false")
-            private = False
-        envs[name] = Env(
-            name, parent, MappingProxyType(services),
-            MappingProxyType(_config(name, raw.get("config"), problems)), private,
-        )
+        env = _env(name, raw, baseline, raw_envs, raw_shared, problems)
+        if env is not None:
+            parents[name] = env.parent
+            envs[name] = env
 
     problems.extend(_chain_problems(parents, baseline, raw_envs))
 
@@ -238,6 +208,86 @@ def parse_graph(doc: Any, *, version: int | None = None, reuse: Graph | None = N
         baseline, MappingProxyType(shared), MappingProxyType(envs), version, epoch, all_services,
         private,
     )
+
+
+def _reparse_changed(doc: dict, raw_envs: dict, raw_shared: dict, shared: dict, reuse: Graph,
+                     changed: frozenset, version: int, epoch: str) -> Graph:
+    """parse_graph when only the envs in `changed` differ from `reuse` (`changed` names every
+    env set or deleted; here none was added or removed, and top-level fields are unchanged): O(changed), except when a parent link moved (chains are then
+    checked again) or an overlay was removed (the service set is then recomputed)."""
+    problems: list[str] = []
+    baseline = reuse.baseline
+    envs = dict(reuse.envs)
+    relinked = shrunk = False
+    for name in changed:
+        if name not in raw_envs:
+            continue
+        old = envs[name]
+        env = _env(name, raw_envs[name], baseline, raw_envs, raw_shared, problems)
+        if env is None:
+            del envs[name]
+            continue
+        envs[name] = env  # in place: the document's order, as a full parse gives
+        relinked = relinked or env.parent != old.parent
+        shrunk = shrunk or not old.services.keys() <= env.services.keys()
+    if relinked:
+        problems.extend(_chain_problems({n: e.parent for n, e in envs.items()}, baseline, raw_envs))
+    if problems:
+        raise GraphInvalid(problems)
+    if shrunk:
+        all_services = frozenset(shared) | frozenset(s for e in envs.values() for s in e.services)
+    else:
+        all_services = reuse.services.union(*(envs[n].services for n in changed if n in envs))
+    private = (reuse.private_envs - changed) | {n for n in changed if n in envs and envs[n].private}
+    return Graph(
+        baseline, MappingProxyType(shared), MappingProxyType(envs), version, epoch, all_services,
+        frozenset(private),
+    )
+
+
+def _env(name: Any, raw: Any, baseline: Any, raw_envs: dict, raw_shared: dict,
+         problems: list[str]) -> Env | None:
+    """One env of the document, validated (problems appended); None when unusable."""
+    if not valid_name(name):
+        problems.append(f"bad env name {name!r} (want [a-z0-9][a-z0-9-]{{0,62}})")
+        return None
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        problems.append(f"env {name}: must be a mapping")
+        return None
+    extra = set(raw) - _ENV_KEYS
+    if extra:
+        problems.append(f"env {name}: unknown field(s) {sorted(extra)}")
+    parent = raw.get("parent")
+    if name == baseline:
+        if parent is not None:
+            problems.append(f"env {name}: the baseline cannot have a parent")
+            parent = None
+    elif parent is None:
+        problems.append(f"env {name}: missing parent (only the baseline {baseline!r} has none)")
+    elif not valid_name(parent):
+        problems.append(f"env {name}: bad parent name {parent!r}")
+        parent = None
+    elif parent not in raw_envs:
+        problems.append(f"env {name}: missing parent {parent!r} (not defined under envs)")
+    services: dict[str, Overlay] = {}
+    raw_services = raw.get("services") or {}
+    if not isinstance(raw_services, dict):
+        problems.append(f"env {name}: services must be a mapping")
+        raw_services = {}
+    for svc, raw_ov in raw_services.items():
+        if svc in raw_shared:
+            problems.append(f"env {name}: service {svc} is shared and cannot be overlaid")
+            continue
+        ov = _overlay(f"env {name}", svc, raw_ov, problems)
+        if ov:
+            services[svc] = ov
+    private = raw.get("private", False)
+    if not isinstance(private, bool):
+        problems.append(f"env {name}: private must be true or false")
+        private = False
+    return Env(name, parent, MappingProxyType(services),
+               MappingProxyType(_config(name, raw.get("config"), problems)), private)
 
 
 def _chain_problems(parents: dict, baseline: Any, defined: dict) -> list[str]:

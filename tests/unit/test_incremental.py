@@ -28,23 +28,47 @@ def incremental(old_doc: dict, new_doc: dict):
     return parse_graph(new_doc, reuse=old, changed=changed_envs([delta])), old
 
 
-@settings(max_examples=150, derandomize=True, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["set", "del", "add"]), st.integers(0, 29)), max_size=5))
+def outcome(fn):
+    try:
+        return fn()
+    except GraphInvalid as exc:
+        return sorted(exc.problems)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["set", "del", "add", "parent", "private", "drop", "bad"]),
+                          st.integers(0, 29), st.integers(0, 29)), max_size=5))
 def test_incremental_equals_full(ops):
+    """Adds and deletes take the full path; same-names changes (overlays, parents that may
+    form cycles, private flags, removed overlays, invalid values) take the O(changed) path."""
     old_doc = base_doc()
     new_doc = copy.deepcopy(old_doc)
-    for op, i in ops:
-        name = f"e{i}"
-        if op == "set" and name in new_doc["envs"]:
-            new_doc["envs"][name]["services"] = {"s9": {"endpoints": [f"new{i}:1"]}}
+    for op, i, j in ops:
+        name, env = f"e{i}", new_doc["envs"].get(f"e{i}")
+        if op == "set" and env is not None:
+            env["services"] = {"s9": {"endpoints": [f"new{i}:1"]}}
         elif op == "del" and not any(e.get("parent") == name for e in new_doc["envs"].values()):
             new_doc["envs"].pop(name, None)
         elif op == "add":
             new_doc["envs"][f"n{i}"] = {"parent": name if name in new_doc["envs"] else "base"}
-    got, old = incremental(old_doc, new_doc)
-    assert got == parse_graph(new_doc)
-    untouched = [n for n in old_doc["envs"] if n in new_doc["envs"] and old_doc["envs"][n] == new_doc["envs"][n]]
-    assert all(got.envs[n] is old.envs[n] for n in untouched)  # reused, not re-parsed
+        elif op == "parent" and env is not None:
+            env["parent"] = f"e{j}"  # may close a cycle or name a missing env
+        elif op == "private" and env is not None:
+            env["private"] = not env.get("private", False)
+        elif op == "drop" and env is not None:
+            env["services"] = {}
+        elif op == "bad" and env is not None:
+            env["services"] = {"s1": {"endpoints": ["not a host:port:x"]}}
+    old = parse_graph(old_doc)
+    delta = diff_docs(old_doc, new_doc)
+    assert apply_delta(old_doc, delta) == new_doc
+    got = outcome(lambda: parse_graph(new_doc, reuse=old, changed=changed_envs([delta])))
+    assert got == outcome(lambda: parse_graph(new_doc))
+    if not isinstance(got, list):
+        assert list(got.envs) == list(new_doc["envs"])
+        untouched = [n for n in old_doc["envs"]
+                     if n in new_doc["envs"] and old_doc["envs"][n] == new_doc["envs"][n]]
+        assert all(got.envs[n] is old.envs[n] for n in untouched)  # reused, not re-parsed
 
 
 def test_deleting_a_parent_still_referenced_is_rejected():

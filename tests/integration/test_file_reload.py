@@ -1,0 +1,103 @@
+"""A big graph file changes: decoded and diffed in the helper process, applied here as a delta.
+Real files, a real helper process (killed for real in the fault test)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import signal
+
+import orjson
+import pytest
+
+from resolver.sources.file import FileSource
+from resolver.sync import SnapshotCell
+from resolver.validate import parse_graph
+
+
+def big_doc(n: int = 200) -> dict:
+    envs = {"base": {"services": {f"s{i}": {"endpoints": [f"h{i}:80"]} for i in range(8)}}}
+    for i in range(n):
+        envs[f"e{i}"] = {"parent": "base" if i < 10 else f"e{i % 10}",
+                         "services": {f"s{i % 8}": {"endpoints": [f"x{i}:81"]}}}
+    return {"baseline": "base", "envs": envs}
+
+
+def write(path, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+@pytest.fixture
+async def source(tmp_path):
+    path = tmp_path / "graph.json"
+    doc = big_doc()
+    write(path, orjson.dumps(doc))
+    cell = SnapshotCell()
+    src = FileSource(str(path), cell, interval=0.05, helper_min_bytes=0)
+    src.load_initial()
+    src.start()
+    await asyncio.wait_for(asyncio.wrap_future(src.helper_ready), 30)  # the base is decoded
+    yield src, cell, path, doc
+    await src.stop()
+
+
+async def change(src, cell, path, doc: dict, i: int) -> dict:
+    doc = copy.deepcopy(doc)
+    doc["envs"][f"e{i}"]["services"] = {"s7": {"endpoints": [f"moved{i}:9"]}}
+    version = cell.version
+    write(path, orjson.dumps(doc))
+    assert await cell.wait_for(version + 1, 20), "the change was not applied"
+    assert cell.current.graph == parse_graph(doc, version=version + 1)
+    return doc
+
+
+async def test_big_file_changes_arrive_as_deltas(source):
+    src, cell, path, doc = source
+    first = cell.current
+    for i in range(3):
+        doc = await change(src, cell, path, doc, 20 + i)
+    assert src.helper_deltas == 3
+    assert cell.current.graph.envs["e5"] is first.graph.envs["e5"]  # untouched: reused
+    write(path, orjson.dumps(doc))  # same content, new inode: nothing to publish
+    await asyncio.sleep(0.3)
+    assert cell.version == 4 and cell.rejected_total == 0
+
+
+async def test_broken_big_file_is_rejected_whole_and_the_next_change_lands(source):
+    src, cell, path, doc = source
+    write(path, orjson.dumps(doc)[:-40])  # truncated JSON
+    for _ in range(200):
+        if cell.rejected_total:
+            break
+        await asyncio.sleep(0.05)
+    assert cell.rejected_total == 1 and cell.version == 1
+    assert "does not parse" in cell.last_error
+    bad = copy.deepcopy(doc)
+    bad["envs"]["e3"]["parent"] = "nowhere"  # decodes, but is not a valid graph
+    write(path, orjson.dumps(bad))
+    for _ in range(200):
+        if cell.rejected_total == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert cell.rejected_total == 2 and cell.version == 1 and "nowhere" in cell.last_error
+    await change(src, cell, path, doc, 7)  # decoded here ("full"), then deltas again
+    await change(src, cell, path, doc, 8)
+    assert src.helper_deltas >= 1
+
+
+async def test_killed_helper_is_replaced_and_changes_keep_landing(source):
+    src, cell, path, doc = source
+    doc = await change(src, cell, path, doc, 30)
+    (pid,) = src.decoder.pids()
+    os.kill(pid, signal.SIGKILL)
+    await asyncio.sleep(0.2)
+    doc = await change(src, cell, path, doc, 31)  # decoded here while a new helper starts
+    before = src.helper_deltas
+    doc = await change(src, cell, path, doc, 32)
+    doc = await change(src, cell, path, doc, 33)
+    assert src.helper_deltas > before
+    assert src.decoder.pids() and pid not in src.decoder.pids()
