@@ -39,7 +39,7 @@ from .targets import (
 )
 
 BODY_BYTES = {"small": len(SMALL_BODY), "16k": 16384, "1m": 1 << 20}
-ALL_TARGETS = ["direct", "nginx", "envoy", "aiohttp-naive", "python-floor", "stax-gateway", "stax-sidecar"]
+ALL_TARGETS = ["direct", "nginx", "envoy", "envoy-lua", "aiohttp-naive", "python-floor", "stax-gateway", "stax-sidecar"]
 RESULTS = ROOT / "loadtests" / "results"
 
 
@@ -78,14 +78,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_target(t: Target, bodies: list[str]) -> list[str]:
-    """Every body arrives whole; through stax, the upstream saw the rewritten context headers."""
+    """Every body arrives whole; through stax (and Envoy's Lua twin), the upstream saw the
+    rewritten context headers."""
     problems = []
     spec = LoadSpec(t.port, "/small")
     for body in bodies:
         status, headers, data = http_get(t.port, BODY_PATHS[body], spec.headers("baseline"))
         if status != 200 or len(data) != BODY_BYTES[body]:
             problems.append(f"{body}: status {status}, {len(data)} bytes")
-    if not t.name.startswith("stax"):
+    if not t.name.startswith(("stax", "envoy-lua")):
         return problems
     status, seen, _ = http_get(t.port, "/small", spec.headers("baseline"))
     trace, parent = TRACEPARENT.split("-")[1:3]
@@ -121,7 +122,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                     "errors": sum(r["errors"] + r["non2xx"] for r in rs)})
     index = {(s["target"], s["body"], s["connections"]): s for s in out}
     for s in out:
-        for ref in ("nginx", "envoy"):
+        for ref in ("nginx", "envoy", "envoy-lua"):
             base = index.get((ref, s["body"], s["connections"]))
             ok = base is not None and s["target"] not in ("direct", ref)
             s[f"rps_vs_{ref}"] = s["rps"] / base["rps"] if ok and base["rps"] else None
@@ -137,12 +138,13 @@ def _fmt(v, spec: str) -> str:
 def table(summary: list[dict], comparable: bool) -> str:
     note = "" if comparable else " (not comparable: Python load generator)"
     head = ["target", "body", "conns", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "CPU util",
-            "RSS MB", "req/s÷nginx", "req/s÷envoy", "CPU÷nginx", "CPU÷envoy", "errors", "noise"]
+            "RSS MB", "req/s÷nginx", "req/s÷envoy", "req/s÷envoy-lua", "CPU÷nginx", "CPU÷envoy",
+            "errors", "noise"]
     lines = [[s["target"], s["body"], str(s["connections"]), _fmt(s["rps"], ",.0f"),
               _fmt(s["p50_ms"], ".2f"), _fmt(s["p99_ms"], ".2f"), _fmt(s["cpu_us_per_req"], ".1f"),
               _fmt(s["cpu_util"], ".0%"), _fmt(s["rss_peak_mb"], ".0f"),
               _fmt(s["rps_vs_nginx"], ".2f"), _fmt(s["rps_vs_envoy"], ".2f"),
-              _fmt(s["cpu_vs_nginx"], ".1f"), _fmt(s["cpu_vs_envoy"], ".1f"), str(s["errors"]),
+              _fmt(s["rps_vs_envoy-lua"], ".2f"), _fmt(s["cpu_vs_nginx"], ".1f"), _fmt(s["cpu_vs_envoy"], ".1f"), str(s["errors"]),
               _fmt(s["foreign_cpu"], ".0%") if s["target"] != "direct" else "-"]
              for s in summary]
     widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
@@ -220,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             "direct": lambda: Target("direct", upstream.port, note=f"wrk -> upstream ({upstream.note})"),
             "nginx": lambda: start_nginx_proxy(tmp, upstream.port) if nginx_bin() else None,
             "envoy": lambda: start_envoy(tmp, upstream.port),
+            "envoy-lua": lambda: start_envoy(tmp, upstream.port, lua=True),
             "aiohttp-naive": lambda: start_naive(tmp, upstream.port),
             "python-floor": lambda: start_bare(tmp, upstream.port),
             "stax-gateway": lambda: start_stax_gateway(tmp, graph),

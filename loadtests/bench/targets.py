@@ -140,20 +140,59 @@ def start_nginx_proxy(tmp: Path, upstream: int) -> Target:
                   note="1 worker, keepalive pool of 256, proxy_buffering off (streams, like stax)")
 
 
-def start_envoy(tmp: Path, upstream: int) -> Target | None:
+# "Envoy plus scripts": the per-hop context work stax does, as an Envoy Lua filter (env from
+# baggage or x-stax-env, baggage rewritten, hop count, the trace continued with a new span id,
+# x-stax-route on the response). Routing stays Envoy's own (by Host).
+ENVOY_LUA = r"""
+function envoy_on_request(h)
+  local hdrs = h:headers()
+  local bag = hdrs:get("baggage") or ""
+  local env = string.match(bag, "stax%.env=([%w%-]+)") or hdrs:get("x-stax-env") or "baseline"
+  local members = {}
+  for m in string.gmatch(bag, "[^,]+") do
+    m = string.match(m, "^%s*(.-)%s*$")
+    if m ~= "" and not string.find(m, "^stax%.env=") then members[#members + 1] = m end
+  end
+  members[#members + 1] = "stax.env=" .. env
+  hdrs:replace("baggage", table.concat(members, ","))
+  hdrs:replace("x-stax-env", env)
+  hdrs:replace("x-stax-hops", tostring((tonumber(hdrs:get("x-stax-hops") or "0") or 0) + 1))
+  local trace, flags = string.match(hdrs:get("traceparent") or "", "^00%-(%x+)%-%x+%-(%x%x)$")
+  if trace == nil then
+    trace = string.format("%08x%08x%08x%08x", math.random(0, 0x7fffffff), math.random(0, 0x7fffffff),
+                          math.random(0, 0x7fffffff), math.random(0, 0x7fffffff))
+    flags = "01"
+  end
+  local span = string.format("%08x%08x", math.random(0, 0x7fffffff), math.random(0, 0x7fffffff))
+  hdrs:replace("traceparent", "00-" .. trace .. "-" .. span .. "-" .. flags)
+  h:streamInfo():dynamicMetadata():set("stax", "env", env)
+end
+function envoy_on_response(h)
+  local env = h:streamInfo():dynamicMetadata():get("stax")["env"]
+  h:headers():add("x-stax-route", "bench=local:" .. env .. "@v1")
+end
+"""
+
+
+def start_envoy(tmp: Path, upstream: int, *, lua: bool = False) -> Target | None:
     binary = envoy_bin()
     if binary is None:
         return None
     port, admin = free_port(), free_port()
     addr = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+    filters = [{"name": "envoy.filters.http.router", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+    if lua:
+        filters.insert(0, {"name": "envoy.filters.http.lua", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": ENVOY_LUA}}})
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "bench",
         "codec_type": "HTTP1",
         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
             {"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "15s"}}]}]},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        "http_filters": filters,
     }
     boot = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
@@ -168,13 +207,16 @@ def start_envoy(tmp: Path, upstream: int) -> Target | None:
             }],
         },
     }
-    path = tmp / "envoy.yaml"
+    name = "envoy-lua" if lua else "envoy"
+    path = tmp / f"{name}.yaml"
     path.write_text(json.dumps(boot, indent=1))  # JSON is YAML
     proc = spawn([binary, "-c", str(path), "--concurrency", "1", "--log-level", "warn",
                   "--disable-hot-restart", "--base-id", str(port)],
-                 core=PROXY_CORE, log=tmp / "envoy.out")
+                 core=PROXY_CORE, log=tmp / f"{name}.out")
     wait_port(port, proc=proc, timeout=30)
-    return Target("envoy", port, proc, admin=admin, note="--concurrency 1, static keep-alive cluster")
+    note = ("--concurrency 1, Lua filter doing stax's per-hop context work" if lua
+            else "--concurrency 1, static keep-alive cluster, plain forwarding")
+    return Target(name, port, proc, admin=admin, note=note)
 
 
 def start_naive(tmp: Path, upstream: int) -> Target:

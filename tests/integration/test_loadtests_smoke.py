@@ -23,12 +23,12 @@ def _run(args: list[str], timeout: float) -> None:
 
 def test_bench_measures_both_stax_modes(tmp_path):
     out = tmp_path / "bench.json"
-    _run(["loadtests.bench", "--targets", "stax-gateway,stax-sidecar", "--bodies", "small",
+    _run(["loadtests.bench", "--targets", "python-floor,stax-gateway,stax-sidecar", "--bodies", "small",
           "--connections", "8", "--rounds", "1", "--duration", "1", "--no-scale",
           "--out", str(out)], timeout=60)
     data = json.loads(out.read_text())
     rows = {r["target"]: r for r in data["summary"]}
-    assert set(rows) == {"stax-gateway", "stax-sidecar"}
+    assert set(rows) == {"python-floor", "stax-gateway", "stax-sidecar"}
     for row in rows.values():
         assert row["errors"] == 0
         assert row["rps"] > 0  # it measured traffic (speed itself is the bench's job, not a test's)
