@@ -15,27 +15,27 @@ TICK_SHARE = 0.05
 
 
 class Deadlines:
-    __slots__ = ("loop", "waiting", "handle", "tick_s")
+    __slots__ = ("loop", "waiting", "handle", "tick_s", "shortest")
 
     def __init__(self, loop) -> None:
         self.loop = loop
         self.waiting: dict = {}  # exchange -> monotonic deadline
         self.handle = None
         self.tick_s = 0.0
+        self.shortest = 0.0  # the shortest timeout seen since the dict was last empty
 
     def __repr__(self) -> str:
         return f"<Deadlines waiting={len(self.waiting)} tick={self.tick_s:g}s>"
 
     def add(self, ex, timeout_s: float) -> None:
         self.waiting[ex] = time.monotonic() + timeout_s
-        tick = max(TICK_MIN_S, timeout_s * TICK_SHARE)
-        if self.handle is None:
-            self.tick_s = tick
-            self.handle = self.loop.call_later(tick, self._tick)
-        elif tick < self.tick_s:  # a shorter timeout than any waiting: tick sooner
-            self.handle.cancel()
-            self.tick_s = tick
-            self.handle = self.loop.call_later(tick, self._tick)
+        if self.handle is None or timeout_s < self.shortest:
+            # first waiter, or a shorter timeout than any waiting: (re)arm the tick for it
+            if self.handle is not None:
+                self.handle.cancel()
+            self.shortest = timeout_s
+            self.tick_s = max(TICK_MIN_S, timeout_s * TICK_SHARE)
+            self.handle = self.loop.call_later(self.tick_s, self._tick)
 
     def discard(self, ex) -> None:
         self.waiting.pop(ex, None)

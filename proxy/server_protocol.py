@@ -164,6 +164,14 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.transport.write(data)
 
+    def write_parts(self, parts: list[bytes]) -> None:
+        """Like write(b"".join(parts)), joined once with the rest of the read when coalescing."""
+        if not self.closed:
+            if self.wbuf is not None:
+                self.wbuf.extend(parts)
+            else:
+                self.transport.write(b"".join(parts))
+
     def flush(self) -> None:
         buf = self.wbuf
         self.wbuf = None

@@ -242,6 +242,8 @@ class Exchange:
             if lname == b"content-length":
                 length = value
             elif lname == b"connection":
+                if value == b"keep-alive":  # what nearly every upstream sends: nothing to do
+                    continue
                 tokens = {t.strip().lower() for t in value.split(b",")}
                 if b"close" in tokens:
                     self.resp_close = True
@@ -282,7 +284,7 @@ class Exchange:
             out.append(b"connection: close\r\n")
         out.append(b"\r\n")
         self.responded = True
-        client.write(b"".join(out))
+        client.write_parts(out)
         if not no_body:
             # Most bodies complete in the same read as the head: arming the idle timer after
             # the read (UpstreamConnection.data_received) spares a timer per request.

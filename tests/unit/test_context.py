@@ -69,3 +69,19 @@ def test_normalized_paths_have_no_dot_segments(parts):
     assert out.startswith(b"/") and b"//" not in out
     assert b"." not in segs and b".." not in segs
     assert normalize_path(out) == out  # idempotent
+
+
+_GOOD_TP = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@settings(max_examples=400, derandomize=True)
+@given(st.lists(st.tuples(st.integers(0, 54), st.sampled_from(b"0af-AF x")), max_size=3),
+       st.sampled_from([b"", b" ", b"-00"]))
+def test_traceparent_fast_path_agrees_with_the_regex(edits, suffix):
+    from proxy.tracing import _parse_slow
+
+    value = bytearray(_GOOD_TP)
+    for pos, byte in edits:
+        value[pos] = byte
+    value = bytes(value) + suffix
+    assert parse_traceparent(value) == _parse_slow(value)
