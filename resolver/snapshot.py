@@ -29,8 +29,7 @@ class Route:
         self.env, self.service, self.kind = env, service, kind
         self.provider_env, self.endpoints, self.version = provider_env, endpoints, version
         self.chain = chain
-        where = "shared" if kind == "shared" else f"{kind}:{provider_env}"
-        self.header = f"{service}={where}@v{version}".encode()  # x-stax-route entry
+        self.header = _header(service, kind, provider_env, version)  # x-stax-route entry
         self.timeout_s = settings["timeout_ms"] / 1000
         self.idle_timeout_s = settings["idle_timeout_ms"] / 1000
         self.retries = settings["retries"]
@@ -44,9 +43,25 @@ class Route:
     def __repr__(self) -> str:
         return f"<Route {self.header.decode()} env={self.env} endpoints={len(self.endpoints)}>"
 
+    def rebased(self, version: int) -> Route:
+        """The same route in a later graph version whose change left its env chain alone."""
+        new = Route.__new__(Route)
+        new.env, new.service, new.kind = self.env, self.service, self.kind
+        new.provider_env, new.endpoints, new.version = self.provider_env, self.endpoints, version
+        new.chain, new.header = self.chain, _header(self.service, self.kind, self.provider_env, version)
+        new.timeout_s, new.idle_timeout_s, new.retries = self.timeout_s, self.idle_timeout_s, self.retries
+        new.picks, new.rr, new.stats = self.picks, 0, self.stats
+        return new
+
+
+def _header(service: str, kind: str, provider_env: str | None, version: int) -> bytes:
+    where = "shared" if kind == "shared" else f"{kind}:{provider_env}"
+    return f"{service}={where}@v{version}".encode()
+
 
 class Snapshot:
-    def __init__(self, graph: Graph, *, source: str = "") -> None:
+    def __init__(self, graph: Graph, *, source: str = "", previous: Snapshot | None = None,
+                 changed: frozenset | None = None) -> None:
         self.graph = graph
         self.version = graph.version
         self.source = source
@@ -54,6 +69,12 @@ class Snapshot:
         self._routes: dict[str, dict[str, Route]] = {}
         self._chains: dict[str, tuple[str, ...]] = {}
         self._config: dict[str, dict[str, tuple[Any, str]]] = {}
+        # After a change to the envs in `changed` only, a route of `previous` whose env chain
+        # holds none of them is still right: it is carried over on first use (only its version
+        # changes), so a one-overlay reload of 10,000 envs does not re-resolve all of them.
+        # Only the memo dicts are kept, never `previous` itself: no chain of old snapshots.
+        self._carry = ((previous._routes, previous._chains, changed)
+                       if previous is not None and changed is not None else None)
 
     def __repr__(self) -> str:
         cached = sum(len(r) for r in self._routes.values())
@@ -88,6 +109,14 @@ class Snapshot:
         return cfg
 
     def _resolve_slow(self, env: str, service: str) -> Route:
+        if self._carry is not None:
+            routes, chains, changed = self._carry
+            old = routes.get(env, {}).get(service)
+            chain = chains.get(env)
+            if old is not None and chain is not None and changed.isdisjoint(chain):
+                self._chains[env] = chain
+                route = self._routes.setdefault(env, {})[service] = old.rebased(self.version)
+                return route
         chain = self.chain(env)
         settings = route_settings(self.config(env), service)
         graph = self.graph

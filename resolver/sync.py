@@ -90,10 +90,14 @@ class SnapshotCell:
             return False
 
 
-def build_snapshot(doc: Any, *, version: int | None, source: str, reuse=None,
+def build_snapshot(doc: Any, *, version: int | None, source: str, reuse: Snapshot | None = None,
                    changed: frozenset | None = None) -> Snapshot:
-    """Validate + build; raises GraphInvalid. Pure and thread-safe: run it off the loop."""
-    return Snapshot(parse_graph(doc, version=version, reuse=reuse, changed=changed), source=source)
+    """Validate + build; raises GraphInvalid. Pure and thread-safe: run it off the loop.
+    With `reuse` (the snapshot `doc` was derived from) and `changed` (the envs that differ),
+    unchanged envs keep their validated objects and their resolutions (see parse_graph)."""
+    graph = parse_graph(doc, version=version, reuse=reuse.graph if reuse is not None else None,
+                        changed=changed)
+    return Snapshot(graph, source=source, previous=reuse, changed=changed)
 
 
 def build_snapshot_from_bytes(data: bytes, *, version_if_unset: int | None, source: str,
@@ -107,7 +111,7 @@ def build_snapshot_from_bytes(data: bytes, *, version_if_unset: int | None, sour
     reuse = changed = None
     if previous is not None:
         changed = changed_env_names(previous[0], doc)
-        reuse = previous[1].graph if changed is not None else None
+        reuse = previous[1] if changed is not None else None
     snap = build_snapshot(doc, version=None if explicit else version_if_unset, source=source,
                           reuse=reuse, changed=changed)
     return snap, doc

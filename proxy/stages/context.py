@@ -83,7 +83,8 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
     """`default_env(req)` names the env for a request with no context; `fallback(req)` (gateway)
     may find one in a cookie or subdomain when neither header is present."""
 
-    parsed_baggage: dict[bytes, tuple] = {}  # one header value -> its parse: values repeat a lot
+    # one baggage header value -> (stax.env, its checked name, other members): values repeat
+    parsed_baggage: dict[bytes, tuple] = {}
 
     def context(req: Request) -> None:
         raw = req.h_hops
@@ -104,19 +105,22 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
         elif len(values) == 1:
             found = parsed_baggage.get(values[0])
             if found is None:
-                found = parse_baggage(values, max_bytes=max_baggage_bytes, max_members=max_baggage_members)
+                env, others = parse_baggage(values, max_bytes=max_baggage_bytes,
+                                            max_members=max_baggage_members)
+                found = (env, None if env is None else _check_name(env, "baggage stax.env"), others)
                 if len(parsed_baggage) >= 16384:  # bounded: clients choose these bytes
                     parsed_baggage.clear()
                 parsed_baggage[values[0]] = found
-            from_baggage, req.baggage = found
+            from_baggage, name, req.baggage = found
         else:
             from_baggage, req.baggage = parse_baggage(
                 values, max_bytes=max_baggage_bytes, max_members=max_baggage_members)
+            name = None if from_baggage is None else _check_name(from_baggage, "baggage stax.env")
         header = req.h_env.strip() if req.h_env is not None else None
         if from_baggage is not None:
             if header is not None and header != from_baggage:
                 raise BadContext("baggage stax.env and x-stax-env disagree")
-            req.env = _check_name(from_baggage, "baggage stax.env")
+            req.env = name
         elif header is not None:
             req.env = _check_name(header, "x-stax-env")
         else:

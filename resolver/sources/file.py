@@ -135,7 +135,7 @@ class FileSource:
         try:  # validating the changed envs only: about a millisecond at 10,000 envs
             snap = await asyncio.to_thread(
                 build_snapshot, doc, version=None if explicit else self.cell.version + 1,
-                source=source, reuse=previous[1].graph if changed is not None else None,
+                source=source, reuse=previous[1] if changed is not None else None,
                 changed=changed)
         except GraphInvalid as exc:
             self.cell.reject(source, exc)

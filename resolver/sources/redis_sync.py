@@ -240,7 +240,7 @@ class RedisSource:
         cur = self.cell.current
         reuse = None
         if cur is not None and cur.version == self._version and cur.graph.epoch == epoch:
-            reuse = cur.graph
+            reuse = cur
         snap = await self._build(doc, last.version, epoch, reuse=reuse,
                                  changed=changed_envs([rec.delta for rec in records]))
         if snap is not None:

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver.errors import GraphInvalid
+from resolver.errors import GraphInvalid, StaxError
 from resolver.sources.delta import apply_delta, changed_envs, diff_docs
+from resolver.sync import build_snapshot
 from resolver.validate import parse_graph
 
 
@@ -69,6 +70,46 @@ def test_incremental_equals_full(ops):
         untouched = [n for n in old_doc["envs"]
                      if n in new_doc["envs"] and old_doc["envs"][n] == new_doc["envs"][n]]
         assert all(got.envs[n] is old.envs[n] for n in untouched)  # reused, not re-parsed
+
+
+def answers(snap) -> dict:
+    """Every (env, service) resolution of a snapshot, errors included."""
+    out = {}
+    for env in list(snap.graph.envs) + ["ghost"]:
+        for svc in sorted(snap.graph.services) + ["s9", "nothing"]:
+            try:
+                out[env, svc] = snap.explain(env, svc)
+            except StaxError as exc:
+                out[env, svc] = (exc.code, exc.message)
+    return out
+
+
+@settings(max_examples=150, derandomize=True, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["set", "parent", "drop", "del", "add"]),
+                          st.integers(0, 29), st.integers(0, 29)), min_size=1, max_size=4))
+def test_resolutions_carried_over_equal_fresh_ones(ops):
+    """A snapshot built from the previous one carries over routes whose chain did not change;
+    every answer (kind, provider, endpoints, chain, x-stax-route with the new version) is the
+    one a fresh snapshot gives."""
+    old_doc = base_doc()
+    new_doc = copy.deepcopy(old_doc)
+    for op, i, j in ops:
+        env = new_doc["envs"].get(f"e{i}")
+        if op == "set" and env is not None:
+            env["services"] = {f"s{j % 5}": {"endpoints": [f"new{i}:1"]}}
+        elif op == "parent" and env is not None and i != j and i >= 5:
+            env["parent"] = f"e{j % 5}"  # another team env: never a cycle
+        elif op == "drop" and env is not None:
+            env["services"] = {}
+        elif op == "del" and not any(e.get("parent") == f"e{i}" for e in new_doc["envs"].values()):
+            new_doc["envs"].pop(f"e{i}", None)
+        elif op == "add":
+            new_doc["envs"][f"n{i}"] = {"parent": "base", "services": {"s1": {"endpoints": ["n:1"]}}}
+    old = build_snapshot(old_doc, version=1, source="t")
+    answers(old)  # every route memoized, as a serving proxy would have them
+    delta = diff_docs(old_doc, new_doc)
+    new = build_snapshot(new_doc, version=2, source="t", reuse=old, changed=changed_envs([delta]))
+    assert answers(new) == answers(build_snapshot(new_doc, version=2, source="t"))
 
 
 def test_deleting_a_parent_still_referenced_is_rejected():
