@@ -219,22 +219,23 @@ def start_envoy(tmp: Path, upstream: int, *, lua: bool = False) -> Target | None
     return Target(name, port, proc, admin=admin, note=note)
 
 
-def start_naive(tmp: Path, upstream: int) -> Target:
+def _start_python_proxy(tmp: Path, upstream: int, module: str, name: str, note: str) -> Target:
     port = free_port()
-    proc = spawn([sys.executable, "-m", "loadtests.naive_aiohttp_proxy",
+    proc = spawn([sys.executable, "-m", module,
                   "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}"],
-                 core=PROXY_CORE, log=tmp / "naive.out")
+                 core=PROXY_CORE, log=tmp / f"{name}.out")
     wait_port(port, proc=proc)
-    return Target("aiohttp-naive", port, proc, note="aiohttp server + one ClientSession, uvloop")
+    return Target(name, port, proc, note=note)
+
+
+def start_naive(tmp: Path, upstream: int) -> Target:
+    return _start_python_proxy(tmp, upstream, "loadtests.naive_aiohttp_proxy", "aiohttp-naive",
+                               "aiohttp server + one ClientSession, uvloop")
 
 
 def start_bare(tmp: Path, upstream: int) -> Target:
-    port = free_port()
-    proc = spawn([sys.executable, "-m", "loadtests.bare_protocol_proxy",
-                  "--listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream}"],
-                 core=PROXY_CORE, log=tmp / "bare.out")
-    wait_port(port, proc=proc)
-    return Target("python-floor", port, proc, note="asyncio.Protocol + httptools, no features")
+    return _start_python_proxy(tmp, upstream, "loadtests.bare_protocol_proxy", "python-floor",
+                               "asyncio.Protocol + httptools, no features")
 
 
 def start_stax_gateway(tmp: Path, graph: Path, *, name: str = "stax-gateway",
