@@ -14,12 +14,21 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import multiprocessing
+import os
 from typing import Any
 
 from ..validate import load_document
 from .delta import diff_docs
 
 _last: tuple[bytes, Any] | None = None  # in the helper: (digest, document) of the last decode
+
+
+def _background() -> None:
+    """The helper's initializer: graph decoding yields the CPU to the proxy's requests."""
+    try:
+        os.nice(5)
+    except OSError:
+        pass
 
 
 def file_digest(data: bytes) -> bytes:
@@ -68,7 +77,8 @@ class DecoderProcess:
         if self._pool is None:
             # spawn: never fork a process that runs an event loop and holds sockets
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_background)
         try:
             return self._pool.submit(fn, *args)
         except concurrent.futures.BrokenExecutor:
