@@ -176,7 +176,12 @@ class ClientConnection(asyncio.Protocol):
         buf = self.wbuf
         self.wbuf = None
         if buf:
-            self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+            if len(buf) == 1:
+                self.transport.write(buf[0])
+            elif len(buf[-1]) > 4096:  # a big body chunk: one writev, no copy into a join
+                self.transport.writelines(buf)
+            else:
+                self.transport.write(b"".join(buf))
 
     def close(self) -> None:
         self.flush()
