@@ -135,11 +135,12 @@ def changed_env_names(old: dict, new: dict) -> frozenset | None:
     if not isinstance(old, dict) or not isinstance(new, dict):
         return None
     keys = (set(old) | set(new)) - {"envs", "version"}
-    if any(old.get(k, _MISSING) != new.get(k, _MISSING) for k in keys):
+    if any(not _same(old.get(k, _MISSING), new.get(k, _MISSING)) for k in keys):
         return None
     before, after = old.get("envs"), new.get("envs")
     if not isinstance(before, dict) or not isinstance(after, dict):
         return None
-    changed = {name for name, env in after.items() if before.get(name, _MISSING) != env}
+    # _same, not ==: `private: 1` after `private: true` is a change (and an invalid one)
+    changed = {name for name, env in after.items() if not _same(before.get(name, _MISSING), env)}
     changed.update(name for name in before if name not in after)
     return frozenset(changed)

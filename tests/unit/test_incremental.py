@@ -146,3 +146,22 @@ def test_file_reload_reuses_unchanged_envs_and_matches_a_full_parse():
     assert snap.graph.envs["e8"] is first.graph.envs["e8"]
     new_doc["shared"] = {}
     assert changed_env_names(old_doc, new_doc) is None
+
+
+def test_file_reload_tells_true_from_1():
+    """`private: 1` after `private: true` is a change, and an invalid one: rejected, as a
+    full parse would (== alone would call the env unchanged and keep the old one)."""
+    import orjson
+
+    from resolver.sources.delta import changed_env_names
+    from resolver.sync import build_snapshot_from_bytes
+
+    old_doc = base_doc()
+    old_doc["envs"]["e4"]["private"] = True
+    first, _ = build_snapshot_from_bytes(orjson.dumps(old_doc), version_if_unset=1, source="t")
+    new_doc = copy.deepcopy(old_doc)
+    new_doc["envs"]["e4"]["private"] = 1
+    assert changed_env_names(old_doc, new_doc) == {"e4"}
+    with pytest.raises(GraphInvalid, match="private must be true or false"):
+        build_snapshot_from_bytes(orjson.dumps(new_doc), version_if_unset=2, source="t",
+                                  previous=(old_doc, first))
