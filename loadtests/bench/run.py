@@ -40,6 +40,8 @@ from .targets import (
 
 BODY_BYTES = {"small": len(SMALL_BODY), "16k": 16384, "1m": 1 << 20}
 ALL_TARGETS = ["direct", "nginx", "envoy", "envoy-lua", "aiohttp-naive", "python-floor", "stax-gateway", "stax-sidecar"]
+# Measured only when asked for (--targets), and reported apart: tracing with an exporter on.
+EXTRA_TARGETS = ["stax-gateway-otel"]
 RESULTS = ROOT / "loadtests" / "results"
 
 
@@ -66,9 +68,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.duration = 1, 2
     args.targets = [t for t in args.targets.split(",") if t]
-    unknown = set(args.targets) - set(ALL_TARGETS)
+    unknown = set(args.targets) - set(ALL_TARGETS) - set(EXTRA_TARGETS)
     if unknown:
-        ap.error(f"unknown target(s) {sorted(unknown)}; choose from {', '.join(ALL_TARGETS)}")
+        ap.error(f"unknown target(s) {sorted(unknown)}; choose from {', '.join(ALL_TARGETS + EXTRA_TARGETS)}")
     args.bodies = args.bodies.split(",")
     args.connections = [int(c) for c in args.connections.split(",")]
     return args
@@ -226,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             "aiohttp-naive": lambda: start_naive(tmp, upstream.port),
             "python-floor": lambda: start_bare(tmp, upstream.port),
             "stax-gateway": lambda: start_stax_gateway(tmp, graph),
+            "stax-gateway-otel": lambda: start_stax_gateway(tmp, graph, name="stax-gateway-otel",
+                                                            exporter="console"),
             "stax-sidecar": lambda: start_stax_sidecar(tmp, graph, upstream.port),
         }
         for name in args.targets:
@@ -272,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             scale = run_scale(tmp, upstream.port, rounds=args.rounds, duration=args.duration,
                               connections=64, python_load=pyload, envs=args.scale_envs, log=log)
     summary = aggregate(rows)
-    order = {n: i for i, n in enumerate(ALL_TARGETS)}
+    order = {n: i for i, n in enumerate(ALL_TARGETS + EXTRA_TARGETS)}
     summary.sort(key=lambda s: (args.bodies.index(s["body"]), s["connections"], order[s["target"]]))
     comparable = tool == "wrk"
     print()

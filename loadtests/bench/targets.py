@@ -239,13 +239,17 @@ def start_bare(tmp: Path, upstream: int) -> Target:
 
 
 def start_stax_gateway(tmp: Path, graph: Path, *, name: str = "stax-gateway",
-                       log_level: str = "warning") -> Target:
+                       log_level: str = "warning", exporter: str | None = None) -> Target:
     port, admin = free_port(), free_port()
     proc = spawn([stax_bin(), "gateway", "--graph", str(graph), "--listen", f"127.0.0.1:{port}",
                   "--admin", f"127.0.0.1:{admin}", "--log-level", log_level],
-                 core=PROXY_CORE, log=tmp / f"{name}.out")
+                 core=PROXY_CORE, log=tmp / f"{name}.out",
+                 env={"OTEL_TRACES_EXPORTER": exporter} if exporter else None)
     wait_port(port, proc=proc, timeout=60)
-    return Target(name, port, proc, admin=admin, note="routing by Host, context, metrics")
+    note = "routing by Host, context, metrics"
+    if exporter:
+        note += f", OpenTelemetry spans to the {exporter} exporter (batch processor)"
+    return Target(name, port, proc, admin=admin, note=note)
 
 
 def start_stax_sidecar(tmp: Path, graph: Path, upstream: int) -> Target:
