@@ -40,8 +40,7 @@ class Listener:
         self.tls = tls
         self.draining = False  # set with the runtime's: read on every request
         self.forwarder = Forwarder(rt.pool, rt.health, self.stats, rt.budget, mode=name,
-                                   add_xfp=b"https" if tls else b"http", tracing=rt.tracing,
-                                   access_log=rt.config.access_log)
+                                   tracing=rt.tracing, access_log=rt.config.access_log)
         self.tracing = rt.tracing
         self.server: asyncio.base_events.Server | None = None
         self.admit = rt.admission.admit

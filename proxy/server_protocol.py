@@ -35,6 +35,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = HttpRequestParser(self)
         self.peer = ""
+        self.forwarded = b""
         self.url = b""
         self.headers: list = []
         self.head_bytes = 0
@@ -64,6 +65,9 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        # what the upstream head says of this client when no trusted proxy said it first
+        self.forwarded = b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\n" % (
+            self.peer.encode(), self.scheme)
         self.server.connections.add(self)
         self.deadline = time.monotonic() + self.header_timeout
 

@@ -31,8 +31,8 @@ _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 class Forwarder:
     """Shared state of the terminal stage: pool, balancing, health, metrics hooks."""
 
-    def __init__(self, pool, health, stats, budget, *, mode: str, add_xfp: bytes,
-                 tracing=None, access_log: bool = False) -> None:
+    def __init__(self, pool, health, stats, budget, *, mode: str, tracing=None,
+                 access_log: bool = False) -> None:
         self.access_log = access_log
         self.tracing = tracing
         self.loop = asyncio.get_running_loop()  # cached: get_running_loop() costs a getpid()
@@ -42,7 +42,6 @@ class Forwarder:
         self.budget = budget
         self.deadlines = Deadlines(self.loop)
         self.mode = mode
-        self.add_xfp = add_xfp
 
     def start(self, client, req: Request) -> Exchange:
         self.budget.note_request(req.route.service)
@@ -64,7 +63,7 @@ class Exchange:
         self.client = client
         self.req = req
         self.route = req.route
-        self.head = _request_head(req, fw.add_xfp)
+        self.head = _request_head(req, client)
         has_body = req.chunked or bool(req.content_length)
         self.body: list[bytes] | None = [] if has_body else None
         self.body_bytes = 0
@@ -492,7 +491,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _request_head(req: Request, xfp: bytes) -> bytes:
+def _request_head(req: Request, client) -> bytes:
     """The upstream request head: hop-by-hop dropped, context headers rewritten."""
     env = req.env.encode()
     out = [req.method, b" ", req.path, b" HTTP/1.1\r\n"]
@@ -504,13 +503,13 @@ def _request_head(req: Request, xfp: bytes) -> bytes:
     baggage = b"stax.env=" + env
     if req.baggage:
         baggage = req.baggage + b"," + baggage
-    xff = req.peer.encode() if req.h_xff is None else req.h_xff + b", " + req.peer.encode()
-    out.append(
-        b"x-stax-env: %b\r\nbaggage: %b\r\ntraceparent: 00-%b-%b-%b\r\nx-stax-hops: %d\r\n"
-        b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\n"
-        % (env, baggage, req.trace_id, req.span_id, req.trace_flags, req.hops, xff,
-           req.h_xfp or xfp)
-    )
+    out.append(b"x-stax-env: %b\r\nbaggage: %b\r\ntraceparent: 00-%b-%b-%b\r\nx-stax-hops: %d\r\n"
+               % (env, baggage, req.trace_id, req.span_id, req.trace_flags, req.hops))
+    if req.h_xff is None and req.h_xfp is None:
+        out.append(client.forwarded)
+    else:  # a trusted proxy's X-Forwarded-* (sanitize dropped anyone else's): extend them
+        xff = req.peer.encode() if req.h_xff is None else req.h_xff + b", " + req.peer.encode()
+        out.append(b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\n" % (xff, req.h_xfp or client.scheme))
     if req.upgrade is not None:
         out.append(b"connection: upgrade\r\nupgrade: " + req.upgrade + b"\r\n")
     if req.chunked:
