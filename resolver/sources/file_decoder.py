@@ -15,6 +15,8 @@ import concurrent.futures
 import hashlib
 import multiprocessing
 import os
+import threading
+import time
 from typing import Any
 
 from ..validate import load_document
@@ -24,11 +26,20 @@ _last: tuple[bytes, Any] | None = None  # in the helper: (digest, document) of t
 
 
 def _background() -> None:
-    """The helper's initializer: graph decoding yields the CPU to the proxy's requests."""
+    """The helper's initializer: graph decoding yields the CPU to the proxy's requests, and
+    the helper exits when the proxy is gone (even SIGKILLed: its pool would not tell it)."""
     try:
         os.nice(5)
     except OSError:
         pass
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="stax-parent-watch", daemon=True).start()
 
 
 def file_digest(data: bytes) -> bytes:

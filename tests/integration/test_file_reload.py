@@ -101,3 +101,44 @@ async def test_killed_helper_is_replaced_and_changes_keep_landing(source):
     doc = await change(src, cell, path, doc, 33)
     assert src.helper_deltas > before
     assert src.decoder.pids() and pid not in src.decoder.pids()
+
+
+def test_helper_exits_when_the_proxy_is_killed(tmp_path):
+    """A SIGKILLed proxy leaves no decoder process behind."""
+    import subprocess
+    import sys
+    import time
+
+    from loadtests.common import free_port, wait_port
+
+    def alive(pid: int) -> bool:  # a zombie waiting for init to reap it has exited
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    path = tmp_path / "graph.json"
+    write(path, orjson.dumps(big_doc(5000)))  # over the 256 KiB helper threshold
+    assert path.stat().st_size > 256 * 1024
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "control.cli", "gateway", "--graph", str(path),
+                             "--listen", f"127.0.0.1:{port}", "--admin", "127.0.0.1:0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc=proc, timeout=30)
+        children: list[int] = []
+        for _ in range(100):  # the helper starts right after the first load
+            children = [int(c) for c in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+            if any(b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read() for c in children):
+                break
+            time.sleep(0.1)
+        helpers = [c for c in children if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+        assert helpers, "no decoder helper process was started"
+    finally:
+        proc.kill()
+        proc.wait()
+    for _ in range(100):
+        if not any(alive(c) for c in helpers):
+            break
+        time.sleep(0.1)
+    assert not any(alive(c) for c in helpers), "the helper outlived the proxy"
