@@ -35,8 +35,11 @@ class Route:
         self.retries = settings["retries"]
         # Weighted round-robin as a flat sequence; the proxy's per-route cursor and metrics
         # cell live here too (mutable, but only ever touched by the proxy's one event loop).
-        picks = tuple(e for e in endpoints for _ in range(e.weight))
-        self.picks = picks if len(picks) <= 10000 else endpoints
+        if all(e.weight == 1 for e in endpoints):
+            self.picks = endpoints  # shared with the overlay: one object for every env using it
+        else:
+            picks = tuple(e for e in endpoints for _ in range(e.weight))
+            self.picks = picks if len(picks) <= 10000 else endpoints
         self.rr = 0
         self.stats = None
 
