@@ -31,7 +31,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.idle = False
         self.idle_since = 0.0
-        self.lines: list[bytes] = [b""]  # [status line, "name: value\r\n", ...] of the response
+        self.lines: list[bytes] = [b""]  # [status line, name, b": ", value, b"\r\n", ...]
         self.special: list = []  # (lowercased name, value) of the INTERPRETED headers
         self.status = 0
         self.interim = False
@@ -129,7 +129,7 @@ class UpstreamConnection(asyncio.Protocol):
         if lname in INTERPRETED:
             self.special.append((lname, value))
         else:
-            self.lines.append(name + b": " + value + b"\r\n")
+            self.lines += (name, b": ", value, b"\r\n")  # joined once, with the whole head
 
     def on_headers_complete(self) -> None:
         status = self.status = self.parser.get_status_code()

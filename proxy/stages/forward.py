@@ -221,8 +221,9 @@ class Exchange:
 
     # -- response (upstream -> client) -------------------------------------------------------
     def on_response_head(self, conn, status: int, lines: list, special: list) -> None:
-        """`lines`: [placeholder, forwarded header lines...]; `special`: (lowercased name, value)
-        of the headers stax interprets (hop-by-hop, Content-Length, X-Stax-Route)."""
+        """`lines`: [placeholder, then name, ": ", value, CRLF per forwarded header];
+        `special`: (lowercased name, value) of the headers stax interprets (hop-by-hop,
+        Content-Length, X-Stax-Route)."""
         if self.timer_on:
             self.timer_on = False
             self.fw.deadlines.waiting.pop(self, None)
@@ -256,7 +257,11 @@ class Exchange:
             elif lname == b"upgrade":
                 upgrade = value
         if extra_hop:
-            out = [out[0]] + [line for line in out[1:] if line.split(b":", 1)[0].lower() not in extra_hop]
+            kept = [out[0]]
+            for i in range(1, len(out), 4):  # name, ": ", value, CRLF
+                if out[i].lower() not in extra_hop:
+                    kept += out[i:i + 4]
+            out = kept
         if status == 101:
             out.append(b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n")
         route_value = self.route.header if theirs is None else self.route.header + b"," + theirs

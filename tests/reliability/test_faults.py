@@ -61,6 +61,24 @@ async def test_garbage_response_is_502_bad_response(tmp_path, proxies, garbage):
     server.close()
 
 
+async def test_response_hop_by_hop_headers_are_dropped(tmp_path, proxies):
+    """Hop-by-hop response headers, and the ones the upstream's Connection names, never reach
+    the client; end-to-end ones arrive unchanged, in order, with stax's x-stax-route."""
+    server, addr, _ = await raw_upstream(
+        b"HTTP/1.1 200 OK\r\nX-First: 1\r\nConnection: keep-alive, X-Secret\r\n"
+        b"X-Secret: hidden\r\nKeep-Alive: timeout=5\r\nx-stax-route: theirs=local:x@v9\r\n"
+        b"X-Last: 2\r\nContent-Length: 2\r\n\r\nok")
+    rt, url = await gw_for(proxies, tmp_path, addr)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers={"Host": "svc"}) as r:
+            assert r.status == 200 and await r.read() == b"ok"
+            names = [k.lower() for k in r.headers]
+            assert "x-secret" not in names and "keep-alive" not in names
+            assert names.index("x-first") < names.index("x-last")
+            assert r.headers["x-stax-route"] == "svc=local:b@v1,theirs=local:x@v9"
+    server.close()
+
+
 async def test_short_body_aborts_the_client(tmp_path, proxies):
     server, addr, state = await raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly-ten!!", close="reset")
     rt, url = await gw_for(proxies, tmp_path, addr)
