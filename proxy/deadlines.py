@@ -19,7 +19,7 @@ class Deadlines:
 
     def __init__(self, loop) -> None:
         self.loop = loop
-        self.waiting: dict = {}  # exchange -> monotonic deadline
+        self.waiting: dict = {}  # exchange -> monotonic deadline; exchanges pop themselves
         self.handle = None
         self.tick_s = 0.0
         self.shortest = 0.0  # the shortest timeout seen since the dict was last empty
@@ -36,9 +36,6 @@ class Deadlines:
             self.shortest = timeout_s
             self.tick_s = max(TICK_MIN_S, timeout_s * TICK_SHARE)
             self.handle = self.loop.call_later(self.tick_s, self._tick)
-
-    def discard(self, ex) -> None:
-        self.waiting.pop(ex, None)
 
     def _tick(self) -> None:
         self.handle = None
