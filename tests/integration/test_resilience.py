@@ -43,6 +43,23 @@ async def test_slow_upstream_gets_504_at_timeout(tmp_path, proxies, upstreams):
             assert r.status == 504 and r.headers["x-stax-error"] == "upstream_timeout"
 
 
+async def test_short_timeout_fires_while_a_long_one_waits(tmp_path, proxies, upstreams):
+    """Deadlines share one tick, sized for the shortest timeout waiting: a 300 ms timeout
+    still answers while a 60 s one is pending. The upstream answers the short call after
+    1.5 s, so a tick left at the 60 s timeout's size (3 s) would have let its 200 through."""
+    (up,) = await upstreams("slow")
+    doc = graph({"long": [up.addr], "short": [up.addr]},
+                {"long.timeout_ms": 60000, "short.timeout_ms": 300, "short.retries": 0})
+    rt, url = await gateway(proxies, tmp_path, doc)
+    async with aiohttp.ClientSession() as s:
+        pending = asyncio.ensure_future(s.get(url + "/slow?ms=2500", headers={"Host": "long"}))
+        await asyncio.sleep(0.2)  # the 60 s deadline is waiting
+        async with s.get(url + "/slow?ms=1500", headers={"Host": "short"}) as r:
+            assert r.status == 504 and r.headers["x-stax-error"] == "upstream_timeout"
+        async with await pending as r:
+            assert r.status == 200  # the long one was left alone
+
+
 async def test_retry_lands_on_healthy_endpoint(tmp_path, proxies, upstreams):
     (up,) = await upstreams("ok")
     rt, url = await gateway(proxies, tmp_path, graph({"svc": [dead_addr(), up.addr]}))
