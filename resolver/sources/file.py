@@ -62,7 +62,11 @@ class FileSource:
         self._previous = (doc, snap)
         self.cell.publish(snap)
         self.cell.source_connected = True
-        if len(data) >= self.helper_min_bytes:
+        self._maybe_start_helper(len(data))
+
+    def _maybe_start_helper(self, size: int) -> None:
+        """A big file (now, or once it grows) gets the helper process."""
+        if self.decoder is None and size >= self.helper_min_bytes:
             self.decoder = DecoderProcess()
             self.helper_ready = self.decoder.submit(remember, self.path)  # the first delta's base
 
@@ -106,6 +110,7 @@ class FileSource:
         self._digest = digest
         self._previous = (doc, snap)
         self.cell.publish(snap)
+        self._maybe_start_helper(len(data))
 
     async def _check_in_helper(self, previous: tuple) -> bool:
         """The change handled through the helper process (True), or left to a full decode

@@ -142,3 +142,25 @@ def test_helper_exits_when_the_proxy_is_killed(tmp_path):
             break
         time.sleep(0.1)
     assert not any(alive(c) for c in helpers), "the helper outlived the proxy"
+
+
+async def test_a_file_that_grows_big_gets_the_helper(tmp_path):
+    path = tmp_path / "graph.json"
+    small = big_doc(5)
+    write(path, orjson.dumps(small))
+    cell = SnapshotCell()
+    src = FileSource(str(path), cell, interval=0.05, helper_min_bytes=64 * 1024)
+    src.load_initial()
+    src.start()
+    try:
+        assert src.decoder is None
+        doc = big_doc(2000)
+        assert len(orjson.dumps(doc)) >= 64 * 1024
+        write(path, orjson.dumps(doc))
+        assert await cell.wait_for(2, 20)
+        assert src.decoder is not None
+        await asyncio.wait_for(asyncio.wrap_future(src.helper_ready), 30)
+        await change(src, cell, path, doc, 1500)
+        assert src.helper_deltas == 1
+    finally:
+        await src.stop()
