@@ -41,6 +41,7 @@ class FileSource:
         self.decoder: DecoderProcess | None = None
         self.helper_deltas = 0  # changes applied as deltas from the helper process
         self.helper_ready: concurrent.futures.Future | None = None
+        self.helper_unavailable = False
         self.cell = cell
         self.interval = interval
         self._stat: tuple | None = None
@@ -66,9 +67,21 @@ class FileSource:
 
     def _maybe_start_helper(self, size: int) -> None:
         """A big file (now, or once it grows) gets the helper process."""
-        if self.decoder is None and size >= self.helper_min_bytes:
+        if self.decoder is None and not self.helper_unavailable and size >= self.helper_min_bytes:
             self.decoder = DecoderProcess()
-            self.helper_ready = self.decoder.submit(remember, self.path)  # the first delta's base
+            try:
+                self.helper_ready = self.decoder.submit(remember, self.path)  # the first delta's base
+            except Exception as exc:
+                self._no_helper(exc)
+
+    def _no_helper(self, exc: Exception) -> None:
+        """No helper process can start here (no /dev/shm, a process limit): decode in the
+        proxy, as for small files, from now on."""
+        log.warning("graph file decoder process unavailable (%s); decoding in the proxy", exc)
+        self.helper_unavailable = True
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
 
     def _read_stat(self) -> tuple | None:
         try:
@@ -117,17 +130,22 @@ class FileSource:
         here (False: the helper has no matching base, or it died)."""
         source = f"file:{self.path}"
         try:
-            answer = await asyncio.wrap_future(self.decoder.submit(decode_change, self.path, self._digest))
+            future = self.decoder.submit(decode_change, self.path, self._digest)
+        except Exception as exc:  # no helper can run here: decode in the proxy from now on
+            self._no_helper(exc)
+            return False
+        try:
+            answer = await asyncio.wrap_future(future)
         except GraphInvalid as exc:
             self.cell.reject(source, exc)
-            return True
-        except OSError as exc:
-            self.cell.sync_error(source, exc)
             return True
         except concurrent.futures.BrokenExecutor:
             log.warning("graph file decoder process died; decoding here and starting a new one")
             self.decoder.broken()
             return False
+        except OSError as exc:  # the helper could not read the file
+            self.cell.sync_error(source, exc)
+            return True
         if answer[0] == "same":
             self.cell.confirm()
             return True
