@@ -25,14 +25,14 @@ from .delta import diff_docs
 _last: tuple[bytes, Any] | None = None  # in the helper: (digest, document) of the last decode
 
 
-def _background() -> None:
+def _background(parent: int) -> None:
     """The helper's initializer: graph decoding yields the CPU to the proxy's requests, and
-    the helper exits when the proxy is gone (even SIGKILLed: its pool would not tell it)."""
+    the helper exits when the proxy (`parent`, passed in: it may be gone before this runs)
+    is gone, even SIGKILLed: its pool would not tell it."""
     try:
         os.nice(5)
     except OSError:
         pass
-    parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -89,7 +89,7 @@ class DecoderProcess:
             # spawn: never fork a process that runs an event loop and holds sockets
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_background)
+                initializer=_background, initargs=(os.getpid(),))
         try:
             return self._pool.submit(fn, *args)
         except concurrent.futures.BrokenExecutor:
