@@ -17,16 +17,30 @@ from ..common import core_busy_seconds, cpu_seconds, rss_bytes
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 MARK = "BENCHJSON "
 
+# wrk's summary as one JSON line (bench and soak alike); socket errors by kind, and `non2xx`
+# counts responses with a status >= 400.
 _DONE_LUA = """
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format('%s{"requests":%d,"duration_us":%d,"bytes":%d,"p50_us":%d,' ..
-    '"p90_us":%d,"p99_us":%d,"max_us":%d,"errors":%d,"non2xx":%d}\\n', "MARK",
-    summary.requests, summary.duration, summary.bytes, latency:percentile(50),
-    latency:percentile(90), latency:percentile(99), latency.max,
-    e.connect + e.read + e.write + e.timeout, e.status))
+    '"p90_us":%d,"p99_us":%d,"max_us":%d,"connect":%d,"read":%d,"write":%d,"timeout":%d,' ..
+    '"non2xx":%d}\\n', "MARK", summary.requests, summary.duration, summary.bytes,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
+    e.connect, e.read, e.write, e.timeout, e.status))
 end
 """.replace("MARK", MARK)
+SOCKET_ERRORS = ("connect", "read", "write", "timeout")
+
+
+def read_summary(output: str) -> dict | None:
+    """The summary line a load run printed (wrk's Lua above, or pyload), or None. `errors`
+    is the socket errors in all (pyload reports only that total)."""
+    line = next((ln for ln in output.splitlines() if ln.startswith(MARK)), None)
+    if line is None:
+        return None
+    res = json.loads(line[len(MARK):])
+    res.setdefault("errors", sum(res[k] for k in SOCKET_ERRORS))
+    return res
 
 
 @dataclass
@@ -97,10 +111,9 @@ def run_load(spec: LoadSpec, *, connections: int, duration: int, pids: list[int]
     cpu = cpu_seconds(pids) - cpu0
     wall = time.monotonic() - t0
     foreign = max(0.0, core_busy_seconds(core) - busy0 - cpu) / wall if pids else None
-    line = next((ln for ln in out.splitlines() if ln.startswith(MARK)), None)
-    if proc.returncode != 0 or line is None:
+    res = read_summary(out)
+    if proc.returncode != 0 or res is None:
         raise RuntimeError(f"{tool} failed ({proc.returncode}):\n{out[-2000:]}")
-    res = json.loads(line[len(MARK):])
     seconds = res["duration_us"] / 1e6
     requests = res["requests"]
     return {

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..bench.load import _DONE_LUA, LoadSpec
+from ..bench.load import SOCKET_ERRORS, LoadSpec, read_summary
 from ..bench.targets import SMALL_BODY
 from ..common import (
     SMALL_ENVS,
@@ -29,19 +29,7 @@ from ..common import (
 )
 
 PROXY_CORE, LOAD_CORE = 0, 1
-MARK = "SOAKJSON "
 EXTRA_ENV = "soak-extra"
-
-# wrk's summary, socket errors broken down; `status` counts responses with a status >= 400.
-_SOAK_DONE_LUA = """
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format('%s{"requests":%d,"duration_us":%d,"bytes":%d,"p50_us":%d,' ..
-    '"p99_us":%d,"max_us":%d,"connect":%d,"read":%d,"write":%d,"timeout":%d,"non2xx":%d}\\n',
-    "MARK", summary.requests, summary.duration, summary.bytes, latency:percentile(50),
-    latency:percentile(99), latency.max, e.connect, e.read, e.write, e.timeout, e.status))
-end
-""".replace("MARK", MARK)
 
 
 # -- the graph --------------------------------------------------------------------------------
@@ -143,11 +131,9 @@ def check_stream(name: str, port: int) -> list[str]:
 
 def wrk_script(port: int, connections: int, rate: float) -> str:
     """The bench's Lua (Host: bench, baggage stax.env=ENV rotating over the three envs,
-    traceparent) with the soak's summary and, when `rate` > 0, a delay after each response
-    so `connections` connections send about `rate` requests per second in all."""
-    base = LoadSpec(port, "/small", envs=list(SMALL_ENVS)).lua()
-    assert base.endswith(_DONE_LUA)
-    script = base.removesuffix(_DONE_LUA) + _SOAK_DONE_LUA
+    traceparent, the JSON summary) and, when `rate` > 0, a delay after each response so
+    `connections` connections send about `rate` requests per second in all."""
+    script = LoadSpec(port, "/small", envs=list(SMALL_ENVS)).lua()
     if rate > 0:
         delay_ms = max(1, round(connections * 1000 / rate))
         script += f"delay = function() return {delay_ms} end\n"
@@ -175,19 +161,17 @@ class Stream:
 
     def result(self) -> dict:
         text = self.out.read_text(errors="replace") if self.out else ""
-        line = next((ln for ln in text.splitlines() if ln.startswith(MARK)), None)
-        if line is None:
+        res = read_summary(text)
+        if res is None:
             return {"ok": False, "output": text[-2000:],
                     "returncode": self.proc.returncode if self.proc else None}
-        res = json.loads(line[len(MARK):])
         seconds = res["duration_us"] / 1e6
-        socket_errors = res["connect"] + res["read"] + res["write"] + res["timeout"]
         return {"ok": True, "requests": res["requests"],
                 "rps": res["requests"] / seconds if seconds else 0.0,
                 "p50_ms": res["p50_us"] / 1000, "p99_ms": res["p99_us"] / 1000,
                 "max_ms": res["max_us"] / 1000, "non2xx": res["non2xx"],
-                "socket_errors": socket_errors,
-                "socket_error_kinds": {k: res[k] for k in ("connect", "read", "write", "timeout")}}
+                "socket_errors": res["errors"],
+                "socket_error_kinds": {k: res[k] for k in SOCKET_ERRORS}}
 
 
 # -- sampling ---------------------------------------------------------------------------------
