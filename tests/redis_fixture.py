@@ -7,6 +7,7 @@ it for real (SIGKILL) and start it again on the same port to exercise outages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -29,6 +30,36 @@ def example_graph() -> dict:
 
     with open(EXAMPLE_GRAPH, "rb") as f:
         return load_document(f.read())
+
+
+@contextlib.asynccontextmanager
+async def running_source(store, *, wait: float = 5, **options):
+    """A RedisSource following `store` into a fresh cell: (cell, source), stopped at the end."""
+    from resolver.sources.redis_sync import RedisSource
+    from resolver.sync import SnapshotCell
+
+    cell = SnapshotCell()
+    source = RedisSource(store, cell, **options)
+    await source.start(wait=wait)
+    try:
+        yield cell, source
+    finally:
+        await source.stop()
+
+
+async def push_until(store, doc: dict, timeout: float, step: float = 0.1) -> int:
+    """Push, retrying while the store cannot reach a primary (a node starting, a failover in
+    progress): a bounded wait, not a speed test."""
+    from resolver.errors import StoreUnavailable
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await store.push(doc)
+        except StoreUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(step)
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.01) -> bool:

@@ -299,6 +299,12 @@ class RedisStore:
     def __repr__(self) -> str:
         return f"<RedisStore {self.safe_url} prefix={self.prefix!r}>"
 
+    async def __aenter__(self) -> RedisStore:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
     async def close(self) -> None:
         with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()

@@ -8,7 +8,6 @@ import contextlib
 import copy
 import os
 import subprocess
-import time
 
 import orjson
 import pytest
@@ -20,7 +19,15 @@ from resolver.sources.redis_store import RedisStore, parse_sentinel_url, redact_
 from resolver.sources.redis_sync import RedisSource
 from resolver.sync import SnapshotCell
 from resolver.validate import parse_graph
-from tests.redis_fixture import REDIS_SERVER, RedisServer, example_graph, free_port, wait_until
+from tests.redis_fixture import (
+    REDIS_SERVER,
+    RedisServer,
+    example_graph,
+    free_port,
+    push_until,
+    running_source,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -28,17 +35,6 @@ async def store(redis_server):
     s = RedisStore(redis_server.url)
     yield s
     await s.close()
-
-
-@contextlib.asynccontextmanager
-async def running_source(store: RedisStore, **options):
-    cell = SnapshotCell()
-    source = RedisSource(store, cell, **options)
-    await source.start(wait=5)
-    try:
-        yield cell, source
-    finally:
-        await source.stop()
 
 
 def canonical(doc: dict) -> bytes:
@@ -103,16 +99,13 @@ async def test_push_then_read(store, redis_server):
 
 
 async def test_keys_share_one_hash_tag_and_prefix(redis_server):
-    store = RedisStore(redis_server.url, prefix="team1:")
-    try:
+    async with RedisStore(redis_server.url, prefix="team1:") as store:
         await store.push(example_graph(), audit={"who": "t"})
         keys = sorted(k.decode() for k in redis_server.client().keys("*"))
         assert keys == ["team1:{graph}:audit", "team1:{graph}:deltas", "team1:{graph}:doc",
                         "team1:{graph}:epoch", "team1:{graph}:version"]
         assert store.channel == "team1:{graph}:changes"
         assert await RedisStore(redis_server.url).version() == 0  # other prefix: other graph
-    finally:
-        await store.close()
 
 
 async def test_invalid_graph_rejected_with_every_reason_store_unchanged(store, redis_server):
@@ -253,8 +246,7 @@ async def test_audit_record_and_publish(store, redis_server):
 
 async def test_unreachable_store_is_store_unavailable_naming_url_without_password():
     port = free_port()
-    store = RedisStore(f"redis://:hunter2@127.0.0.1:{port}/0", socket_timeout=0.5)
-    try:
+    async with RedisStore(f"redis://:hunter2@127.0.0.1:{port}/0", socket_timeout=0.5) as store:
         for call in (store.version(), store.read(), store.push(example_graph()),
                      store.deltas_since(0)):
             with pytest.raises(StoreUnavailable) as info:
@@ -262,8 +254,6 @@ async def test_unreachable_store_is_store_unavailable_naming_url_without_passwor
             assert f"127.0.0.1:{port}" in str(info.value)
             assert "hunter2" not in str(info.value)
             assert info.value.status == 503
-    finally:
-        await store.close()
 
 
 def test_url_helpers():
@@ -303,21 +293,15 @@ async def test_password_and_tls(tmp_path):
         "--tls-ca-cert-file", ca_file, "--tls-auth-clients", "no"))
     server.start()
     try:
-        store = RedisStore(f"rediss://:s3cret@127.0.0.1:{tls_port}/0?ssl_ca_certs={ca_file}")
-        try:
+        async with RedisStore(f"rediss://:s3cret@127.0.0.1:{tls_port}/0?ssl_ca_certs={ca_file}") as store:
             assert await store.push(example_graph()) == 1
             assert (await store.read())[0] == 1
             async with running_source(store, poll_interval=0.1) as (cell, _source):
                 assert cell.version == 1 and cell.source_connected
-        finally:
-            await store.close()
-        wrong = RedisStore(f"redis://:wrong@127.0.0.1:{server.port}/0")
-        try:
+        async with RedisStore(f"redis://:wrong@127.0.0.1:{server.port}/0") as wrong:
             with pytest.raises(StoreUnavailable) as info:
                 await wrong.version()
             assert "wrong" not in str(info.value)
-        finally:
-            await wrong.close()
     finally:
         server.stop()
 
@@ -331,15 +315,8 @@ async def test_sentinel_url_against_real_sentinel(redis_server, tmp_path):
                             stderr=subprocess.DEVNULL, cwd=str(tmp_path))
     store = RedisStore(f"redis+sentinel://127.0.0.1:{free_port()},127.0.0.1:{port}/mymaster/0")
     try:
-        deadline = time.monotonic() + 10
-        while True:  # the sentinel takes a moment to listen and to see its master
-            try:
-                v = await store.push(example_graph())
-                break
-            except StoreUnavailable:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
+        # the sentinel takes a moment to listen and to see its master
+        v = await push_until(store, example_graph(), 10, step=0.05)
         assert v == 1 and redis_server.client().get("stax:{graph}:version") == b"1"
         async with running_source(store, poll_interval=30) as (cell, _source):
             assert cell.version == 1

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
 
 import pytest
 
 from resolver.errors import StoreUnavailable
 from resolver.sources.redis_store import RedisStore, parse_cluster_url, redact_url
-from resolver.sources.redis_sync import RedisSource
-from resolver.sync import SnapshotCell
-from tests.redis_fixture import RedisServer, example_graph, free_port, wait_until
+from tests.redis_fixture import (
+    RedisServer,
+    example_graph,
+    free_port,
+    push_until,
+    running_source,
+    wait_until,
+)
 from tests.reliability import test_redis_topologies as topologies
 
 REDIS_SERVER, REDIS_CLI = topologies.REDIS_SERVER, topologies.REDIS_CLI
@@ -63,14 +67,6 @@ def _migrate_slot(nodes: list[RedisServer], slot: int, src: RedisServer,
             c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
 
 
-async def _source(store: RedisStore, *, wait: float = 5,
-                  **options) -> tuple[SnapshotCell, RedisSource]:
-    cell = SnapshotCell()
-    source = RedisSource(store, cell, **options)
-    await source.start(wait=wait)
-    return cell, source
-
-
 def test_cluster_url_parsing():
     cu = parse_cluster_url("redis+cluster://h1:7000,h2,[::1]:7002")
     assert cu.nodes == [("h1", 7000), ("h2", 6379), ("::1", 7002)]
@@ -96,61 +92,45 @@ def test_cluster_url_parsing():
 
 async def test_unreachable_cluster_is_store_unavailable_and_the_source_survives():
     url = f"redis+cluster://:hunter2@127.0.0.1:{free_port()},127.0.0.1:{free_port()}/"
-    store = RedisStore(url, socket_timeout=0.5)
-    try:
+    async with RedisStore(url, socket_timeout=0.5) as store:
         for call in (store.head(), store.read(), store.push(example_graph()),
                      store.delta_records(0)):
             with pytest.raises(StoreUnavailable) as info:
                 await call
             assert "hunter2" not in str(info.value) and info.value.status == 503
-        cell, source = await _source(store, wait=0.5, poll_interval=0.1, ping_timeout=0.5)
-        try:
+        async with running_source(store, wait=0.5, poll_interval=0.1,
+                                  ping_timeout=0.5) as (cell, source):
             assert cell.current is None and not cell.source_connected
             assert await wait_until(lambda: source.errors_total >= 2, 5), source
             assert not source.pubsub_subscribed
-        finally:
-            await asyncio.wait_for(source.stop(), 5)
-    finally:
-        await store.close()
 
 
 @needs_redis
 async def test_discovery_through_any_reachable_node(redis_cluster):
     nodes = redis_cluster
-    store = RedisStore(_url(nodes), socket_timeout=1.0)
-    try:
+    async with RedisStore(_url(nodes), socket_timeout=1.0) as store:
         v1 = await store.push(example_graph())
         _slot, owner = _slot_and_owner(nodes, store)
-    finally:
-        await store.close()
     # the URL names a dead port first and then one node that does not own the slot
     other = next(n for n in nodes if n is not owner)
-    store = RedisStore(f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{other.port}",
-                       socket_timeout=1.0)
-    try:
+    async with RedisStore(f"redis+cluster://127.0.0.1:{free_port()},127.0.0.1:{other.port}",
+                          socket_timeout=1.0) as store:
         assert (await store.read())[0] == v1
         assert await store.push(example_graph(), expect_version=v1) == v1 + 1
-    finally:
-        await store.close()
     # a plain redis:// URL naming that node gets MOVED: StoreUnavailable, not a wrong answer
-    plain = RedisStore(f"redis://127.0.0.1:{other.port}/0", socket_timeout=1.0)
-    try:
+    async with RedisStore(f"redis://127.0.0.1:{other.port}/0", socket_timeout=1.0) as plain:
         with pytest.raises(StoreUnavailable, match=f"127.0.0.1:{owner.port}"):  # MOVED there
             await plain.head()
-    finally:
-        await plain.close()
 
 
 @needs_redis
 async def test_resharding_moves_the_graph_slot(redis_cluster):
     nodes = redis_cluster
-    store = RedisStore(_url(nodes), socket_timeout=1.0)
-    try:
+    async with RedisStore(_url(nodes), socket_timeout=1.0) as store:
         doc = example_graph()
         v1 = await store.push(doc)
         slot, src = _slot_and_owner(nodes, store)
-        cell, source = await _source(store, poll_interval=30, ping_interval=0.5)
-        try:
+        async with running_source(store, poll_interval=30, ping_interval=0.5) as (cell, source):
             assert cell.version == v1
             assert await wait_until(lambda: source.pubsub_subscribed, 5), source
             dst = next(n for n in nodes if n is not src)
@@ -170,22 +150,16 @@ async def test_resharding_moves_the_graph_slot(redis_cluster):
             await asyncio.sleep(1.2)  # pings keep being answered
             assert (source.full_loads, source.delta_loads) == (1, 1), source
             assert (source.errors_total, source.pubsub_reconnects) == (0, 0), source
-        finally:
-            await source.stop()
-    finally:
-        await store.close()
 
 
 @needs_redis
 async def test_slot_master_dies_and_returns_empty(redis_cluster):
     nodes = redis_cluster
-    store = RedisStore(_url(nodes), socket_timeout=0.5)
-    try:
+    async with RedisStore(_url(nodes), socket_timeout=0.5) as store:
         v1 = await store.push(example_graph())
         _slot, owner = _slot_and_owner(nodes, store)
-        cell, source = await _source(store, poll_interval=0.1, ping_interval=0.5,
-                                     ping_timeout=0.5)
-        try:
+        async with running_source(store, poll_interval=0.1, ping_interval=0.5,
+                                  ping_timeout=0.5) as (cell, source):
             assert cell.version == v1
             assert await wait_until(lambda: source.pubsub_subscribed, 5), source
             old_epoch = cell.current.graph.epoch
@@ -196,25 +170,13 @@ async def test_slot_master_dies_and_returns_empty(redis_cluster):
             assert cell.version == v1  # the last good graph keeps serving
 
             await asyncio.to_thread(owner.start)  # same port and node id, no data
-            deadline = time.monotonic() + 20
-            while True:  # until the cluster takes the node back
-                try:
-                    v = await store.push(example_graph())
-                    break
-                except StoreUnavailable:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.1)
+            v = await push_until(store, example_graph(), 20)  # until the cluster takes it back
             assert v == 1  # an empty store starts a new lineage (epoch) ...
             assert await wait_until(  # ... which the source adopts at once
                 lambda: cell.current.graph.epoch != old_epoch, 10), source
             assert cell.version == 1 and cell.source_connected
             assert await wait_until(lambda: source.pubsub_subscribed, 10), source
             assert source.pubsub_reconnects >= 1
-        finally:
-            await source.stop()
-    finally:
-        await store.close()
 
 
 @needs_redis
@@ -248,38 +210,21 @@ async def test_tls_cluster_with_password(tmp_path):
             "--cluster-yes"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stdout + out.stderr
         hosts = ",".join(f"127.0.0.1:{p}" for p in tls_ports)
-        store = RedisStore(f"rediss+cluster://:s3cret@{hosts}/?ssl_ca_certs={ca_file}",
-                           socket_timeout=1.0)
-        try:
-            deadline = time.monotonic() + 15
-            while True:  # until the nodes agree on the slots
-                try:
-                    v1 = await store.push(example_graph())
-                    break
-                except StoreUnavailable:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.1)
+        async with RedisStore(f"rediss+cluster://:s3cret@{hosts}/?ssl_ca_certs={ca_file}",
+                              socket_timeout=1.0) as store:
+            v1 = await push_until(store, example_graph(), 15)  # until the nodes agree on slots
             # every node was reached over TLS: the cluster announces the TLS ports
             assert {n.port for n in store._client.get_nodes()} == set(tls_ports)
-            cell, source = await _source(store, poll_interval=30)
-            try:
+            async with running_source(store, poll_interval=30) as (cell, source):
                 assert cell.version == v1
                 assert await wait_until(lambda: source.pubsub_subscribed, 5), source
                 v2 = await store.push(example_graph())
                 assert await cell.wait_for(v2, 5), source  # through pub/sub, over TLS
-            finally:
-                await source.stop()
-        finally:
-            await store.close()
-        wrong = RedisStore(f"rediss+cluster://:wrong@{hosts}?ssl_ca_certs={ca_file}",
-                           socket_timeout=1.0)
-        try:
+        async with RedisStore(f"rediss+cluster://:wrong@{hosts}?ssl_ca_certs={ca_file}",
+                              socket_timeout=1.0) as wrong:
             with pytest.raises(StoreUnavailable) as info:
                 await wrong.head()
             assert "wrong" not in str(info.value)
-        finally:
-            await wrong.close()
     finally:
         for n in nodes:
             n.stop()

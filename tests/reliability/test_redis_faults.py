@@ -5,7 +5,6 @@ written behind the store's back, version regressions and new epochs, corrupt key
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 
 import pytest
@@ -15,7 +14,7 @@ from resolver.sources import redis_store
 from resolver.sources.redis_store import RedisStore
 from resolver.sources.redis_sync import RedisSource
 from resolver.sync import SnapshotCell
-from tests.redis_fixture import example_graph, wait_until
+from tests.redis_fixture import example_graph, running_source, wait_until
 
 DOC, VERSION, EPOCH, CHANNEL = ("stax:{graph}:doc", "stax:{graph}:version", "stax:{graph}:epoch",
                                 "stax:{graph}:changes")
@@ -26,17 +25,6 @@ async def store(redis_server):
     s = RedisStore(redis_server.url, socket_timeout=1.0)
     yield s
     await s.close()
-
-
-@contextlib.asynccontextmanager
-async def running_source(store: RedisStore, *, wait: float = 5, **options):
-    cell = SnapshotCell()
-    source = RedisSource(store, cell, **options)
-    await source.start(wait=wait)
-    try:
-        yield cell, source
-    finally:
-        await source.stop()
 
 
 def with_env(name: str, parent: str = "baseline") -> dict:

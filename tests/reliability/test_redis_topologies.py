@@ -26,11 +26,10 @@ import aiohttp
 import pytest
 import redis
 
-from resolver.errors import StoreUnavailable
 from resolver.sources.redis_store import RedisStore
 from resolver.sources.redis_sync import RedisSource
 from resolver.sync import SnapshotCell
-from tests.redis_fixture import RedisServer, free_port, wait_until
+from tests.redis_fixture import RedisServer, free_port, push_until, wait_until
 from tests.servers import port_of
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -178,18 +177,6 @@ def _graph(up: dict, **extra_envs) -> dict:
     }
 
 
-async def _push_until(store: RedisStore, doc: dict, timeout: float) -> int:
-    """Push, retrying while the store cannot reach a primary (a failover in progress)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await store.push(doc)
-        except StoreUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
-
-
 class Load:
     """Requests in a loop through the gateway (and /readyz on its admin port) until stopped."""
 
@@ -237,8 +224,7 @@ async def test_sentinel_failover_under_load(sentinel_topology, upstreams, proxie
     topo = sentinel_topology
     names = ["web", "orders", "orders-a", "web-new"]
     up = dict(zip(names, await upstreams(*names), strict=True))
-    store = RedisStore(topo.url, socket_timeout=1.0)
-    try:
+    async with RedisStore(topo.url, socket_timeout=1.0) as store:
         v1 = await store.push(_graph(up))
         def replicated() -> bool:
             with topo.replica.client() as c:
@@ -262,7 +248,7 @@ async def test_sentinel_failover_under_load(sentinel_topology, upstreams, proxie
                      "the replica promoted")
 
         # a new graph through the same sentinel URL lands on the new primary ...
-        v2 = await _push_until(store, _graph(up, **{
+        v2 = await push_until(store, _graph(up, **{
             "after-failover": {"parent": "baseline", "services": {"web": [up["web-new"].addr]}}}),
             timeout=15)
         assert v2 == v1 + 1
@@ -271,8 +257,6 @@ async def test_sentinel_failover_under_load(sentinel_topology, upstreams, proxie
         assert rt.cell.source_connected
         await asyncio.sleep(0.3)  # traffic after the resync
         await load.stop()
-    finally:
-        await store.close()
 
     assert load.failures() == [], f"{len(load.failures())} failed: {load.failures()[:5]}"
     assert load.count("web") > 50 and load.count("orders@feature-1") > 50, load.count("web")
@@ -352,8 +336,7 @@ async def test_cluster_push_sync_and_resolve(redis_cluster, upstreams, proxies):
     (slot,) = slots
 
     url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in nodes)
-    store = RedisStore(url, socket_timeout=1.0)
-    try:
+    async with RedisStore(url, socket_timeout=1.0) as store:
         v1 = await store.push(_graph(up))
         version, epoch, doc = await store.read()
         assert version == v1 and epoch and doc["baseline"] == "baseline"
@@ -397,5 +380,3 @@ async def test_cluster_push_sync_and_resolve(redis_cluster, upstreams, proxies):
                     assert r.status == 200, await r.text()
                     assert r.headers["x-upstream"] == upstream
                     assert r.headers["x-stax-route"] == route
-    finally:
-        await store.close()
