@@ -25,7 +25,10 @@ class Tracing:
         self.tracer = provider.get_tracer("stax")
 
     def server_span(self, req, listener: str):
-        parent = parse_traceparent(req.h_traceparent)
+        # the context stage parsed the incoming traceparent; a request refused before it had
+        # run (admission, sanitize, context itself) still joins its caller's trace
+        parent = ((req.trace_id, req.parent_id, req.trace_flags) if req.parent_id
+                  else parse_traceparent(req.h_traceparent))
         ctx = None
         if parent is not None:
             trace_id, span_id, flags = parent

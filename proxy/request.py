@@ -23,7 +23,7 @@ class Request:
     __slots__ = (
         "method", "target", "path", "version", "headers", "keep_alive", "chunked",
         "content_length", "peer", "scheme", "upgrade",
-        "env", "service", "route", "hops", "trace_id", "span_id", "trace_flags",
+        "env", "service", "route", "hops", "trace_id", "parent_id", "span_id", "trace_flags",
         "baggage", "started", "host", "expect_continue", "hop_names",
         "h_baggage", "h_env", "h_traceparent", "h_hops", "h_cookie", "h_xff", "h_xfp",
         "span",
@@ -48,6 +48,7 @@ class Request:
         self.route = None
         self.hops = 0
         self.trace_id = self.span_id = b""
+        self.parent_id = b""  # the caller's span id, from a valid incoming traceparent
         self.trace_flags = b"01"
         self.baggage = b""  # the other baggage members, as received, joined by ","
         self.host: bytes | None = None

@@ -102,19 +102,28 @@ def build_snapshot(doc: Any, *, version: int | None, source: str, reuse: Snapsho
 
 def build_snapshot_from_bytes(data: bytes, *, version_if_unset: int | None, source: str,
                               previous: tuple[dict, Snapshot] | None = None) -> tuple[Snapshot, Any]:
-    """Decode + validate + build (a file source's whole job), for a worker thread. With the
-    previous (document, snapshot), envs that did not change keep their validated objects."""
+    """Decode + validate + build (a file source's whole job), for a worker thread."""
+    doc = load_document(data)
+    return build_snapshot_from_doc(doc, version_if_unset=version_if_unset, source=source,
+                                   previous=previous), doc
+
+
+def build_snapshot_from_doc(doc: Any, *, version_if_unset: int | None, source: str,
+                            previous: tuple[dict, Snapshot] | None = None,
+                            changed: frozenset | None = None) -> Snapshot:
+    """A file's document validated and built; its own `version`, if any, wins. With the
+    previous (document, snapshot), envs that did not change keep their validated objects and
+    resolutions; `changed` names them when known (a delta), else they are found by a diff."""
     from .sources.delta import changed_env_names
 
-    doc = load_document(data)
     explicit = isinstance(doc, dict) and "version" in doc
-    reuse = changed = None
+    reuse = None
     if previous is not None:
-        changed = changed_env_names(previous[0], doc)
+        if changed is None:
+            changed = changed_env_names(previous[0], doc)
         reuse = previous[1] if changed is not None else None
-    snap = build_snapshot(doc, version=None if explicit else version_if_unset, source=source,
-                          reuse=reuse, changed=changed)
-    return snap, doc
+    return build_snapshot(doc, version=None if explicit else version_if_unset, source=source,
+                          reuse=reuse, changed=changed if reuse is not None else None)
 
 
 async def build_snapshot_off_loop(doc: Any, *, version: int | None, source: str, reuse=None,

@@ -131,7 +131,7 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
         if parsed is None:
             req.trace_id = new_trace_id()
         else:
-            req.trace_id, _, req.trace_flags = parsed
+            req.trace_id, req.parent_id, req.trace_flags = parsed
         req.span_id = new_span_id()
 
     return context

@@ -142,16 +142,7 @@ def changed_envs(deltas: list[dict]) -> frozenset | None:
 
 def changed_env_names(old: dict, new: dict) -> frozenset | None:
     """Like changed_envs, straight from two documents (a file source's reload): the envs
-    that differ, or None when anything besides envs (and version) differs."""
+    that differ, or None when anything besides envs (and version, epoch) differs."""
     if not isinstance(old, dict) or not isinstance(new, dict):
         return None
-    keys = (set(old) | set(new)) - {"envs", "version"}
-    if any(not _same(old.get(k, _MISSING), new.get(k, _MISSING)) for k in keys):
-        return None
-    before, after = old.get("envs"), new.get("envs")
-    if not isinstance(before, dict) or not isinstance(after, dict):
-        return None
-    # _same, not ==: `private: 1` after `private: true` is a change (and an invalid one)
-    changed = {name for name, env in after.items() if not _same(before.get(name, _MISSING), env)}
-    changed.update(name for name in before if name not in after)
-    return frozenset(changed)
+    return changed_envs([diff_docs(old, new)])

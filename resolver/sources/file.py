@@ -14,7 +14,7 @@ import os
 
 from ..errors import GraphInvalid
 from ..snapshot import Snapshot
-from ..sync import SnapshotCell, build_snapshot, build_snapshot_from_bytes
+from ..sync import SnapshotCell, build_snapshot, build_snapshot_from_bytes, build_snapshot_from_doc
 from ..validate import load_document
 from .delta import apply_delta, changed_envs
 from .file_decoder import DecoderProcess, decode_change, file_digest, remember
@@ -120,10 +120,13 @@ class FileSource:
         except GraphInvalid as exc:
             self.cell.reject(f"file:{self.path}", exc)
             return
+        self._accept(doc, snap, digest)
+        self._maybe_start_helper(len(data))
+
+    def _accept(self, doc: dict, snap: Snapshot, digest: bytes) -> None:
         self._digest = digest
         self._previous = (doc, snap)
         self.cell.publish(snap)
-        self._maybe_start_helper(len(data))
 
     async def _check_in_helper(self, previous: tuple) -> bool:
         """The change handled through the helper process (True), or left to a full decode
@@ -153,20 +156,15 @@ class FileSource:
             return False
         _, digest, delta = answer
         doc = apply_delta(previous[0], delta)
-        changed = changed_envs([delta])
-        explicit = "version" in doc
         try:  # validating the changed envs only: about a millisecond at 10,000 envs
             snap = await asyncio.to_thread(
-                build_snapshot, doc, version=None if explicit else self.cell.version + 1,
-                source=source, reuse=previous[1] if changed is not None else None,
-                changed=changed)
+                build_snapshot_from_doc, doc, version_if_unset=self.cell.version + 1,
+                source=source, previous=previous, changed=changed_envs([delta]))
         except GraphInvalid as exc:
             self.cell.reject(source, exc)
             return True
-        self._digest = digest
-        self._previous = (doc, snap)
+        self._accept(doc, snap, digest)
         self.helper_deltas += 1
-        self.cell.publish(snap)
         return True
 
     async def run(self) -> None:
