@@ -32,6 +32,18 @@ def example_graph() -> dict:
         return load_document(f.read())
 
 
+def tls_files(tmp_path) -> tuple[str, str, str]:
+    """A throw-away CA and a certificate for 127.0.0.1 (trustme): (ca, cert, key) paths."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca_file, cert_file, key_file = (str(tmp_path / n) for n in ("ca.pem", "cert.pem", "key.pem"))
+    ca.cert_pem.write_to_path(ca_file)
+    cert.cert_chain_pems[0].write_to_path(cert_file)
+    cert.private_key_pem.write_to_path(key_file)
+    return ca_file, cert_file, key_file
+
+
 @contextlib.asynccontextmanager
 async def running_source(store, *, wait: float = 5, **options):
     """A RedisSource following `store` into a fresh cell: (cell, source), stopped at the end."""

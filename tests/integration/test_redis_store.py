@@ -26,6 +26,7 @@ from tests.redis_fixture import (
     free_port,
     push_until,
     running_source,
+    tls_files,
     wait_until,
 )
 
@@ -280,13 +281,7 @@ def test_url_helpers():
 async def test_password_and_tls(tmp_path):
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not on PATH")
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    ca_file, cert_file, key_file = (str(tmp_path / n) for n in ("ca.pem", "cert.pem", "key.pem"))
-    ca.cert_pem.write_to_path(ca_file)
-    cert.cert_chain_pems[0].write_to_path(cert_file)
-    cert.private_key_pem.write_to_path(key_file)
+    ca_file, cert_file, key_file = tls_files(tmp_path)
     tls_port = free_port()
     server = RedisServer(str(tmp_path), password="s3cret", extra_args=(
         "--tls-port", str(tls_port), "--tls-cert-file", cert_file, "--tls-key-file", key_file,

@@ -19,6 +19,7 @@ from tests.redis_fixture import (
     free_port,
     push_until,
     running_source,
+    tls_files,
     wait_until,
 )
 from tests.reliability import test_redis_topologies as topologies
@@ -181,13 +182,7 @@ async def test_slot_master_dies_and_returns_empty(redis_cluster):
 
 @needs_redis
 async def test_tls_cluster_with_password(tmp_path):
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    ca_file, cert_file, key_file = (str(tmp_path / n) for n in ("ca.pem", "cert.pem", "key.pem"))
-    ca.cert_pem.write_to_path(ca_file)
-    cert.cert_chain_pems[0].write_to_path(cert_file)
-    cert.private_key_pem.write_to_path(key_file)
+    ca_file, cert_file, key_file = tls_files(tmp_path)
     nodes: list[RedisServer] = []
     tls_ports: list[int] = []
     try:
