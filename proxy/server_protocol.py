@@ -290,12 +290,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             # a head we could not make sense of: framing may be ambiguous too, so do not reuse
             close = isinstance(err, (BadRequest, HeadersTooLarge))
-        duration = time.monotonic() - req.started
-        self.server.stats.observe(req.route, err.status, duration)
-        if self.server.config.access_log:
-            from .logs import log_access
-
-            log_access(self.server.name, req, err.status, duration)
+        self.server.forwarder.record(req, err.status, time.monotonic() - req.started)
         if self.server.tracing is not None:
             from .otel import end_span
 

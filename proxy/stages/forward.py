@@ -43,6 +43,14 @@ class Forwarder:
         self.deadlines = Deadlines(self.loop)
         self.mode = mode
 
+    def record(self, req: Request, status: int, duration: float, endpoint=None) -> None:
+        """A finished request (forwarded, or answered by stax itself): metrics, access log."""
+        self.stats.observe(req.route, status, duration)
+        if self.access_log:
+            from ..logs import log_access
+
+            log_access(self.mode, req, status, duration, endpoint)
+
     def start(self, client, req: Request) -> Exchange:
         self.budget.note_request(req.route.service)
         ex = Exchange(self, client, req)
@@ -444,13 +452,7 @@ class Exchange:
         self.client.abort()
 
     def _record(self, status: int) -> None:
-        duration = time.monotonic() - self.t0
-        fw = self.fw
-        fw.stats.observe(self.route, status, duration)
-        if fw.access_log:
-            from ..logs import log_access
-
-            log_access(fw.mode, self.req, status, duration, self.endpoint)
+        self.fw.record(self.req, status, time.monotonic() - self.t0, self.endpoint)
 
     def _end_spans(self, status: int, error: str | None) -> None:
         from ..otel import end_span
