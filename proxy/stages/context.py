@@ -8,6 +8,7 @@ from urllib.parse import unquote_to_bytes
 from resolver.errors import BadContext, HeadersTooLarge, LoopDetected
 from resolver.validate import NAME_RE
 
+from ..memo import remember
 from ..request import Request
 from ..tracing import new_span_id, new_trace_id, parse_traceparent
 
@@ -62,10 +63,7 @@ def _check_name(raw: bytes, where: str) -> str:
     if not NAME_RE.fullmatch(name):
         shown = name if len(name) <= 70 else name[:67] + "..."
         raise BadContext(f"invalid env name {shown!r} in {where}")
-    if len(_NAMES) >= 16384:  # bounded: clients choose these bytes
-        _NAMES.clear()
-    _NAMES[raw] = name
-    return name
+    return remember(_NAMES, raw, name)
 
 
 def cookie_value(cookie: bytes | None, key: bytes) -> bytes | None:
@@ -107,10 +105,8 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
             if found is None:
                 env, others = parse_baggage(values, max_bytes=max_baggage_bytes,
                                             max_members=max_baggage_members)
-                found = (env, None if env is None else _check_name(env, "baggage stax.env"), others)
-                if len(parsed_baggage) >= 16384:  # bounded: clients choose these bytes
-                    parsed_baggage.clear()
-                parsed_baggage[values[0]] = found
+                found = remember(parsed_baggage, values[0], (
+                    env, None if env is None else _check_name(env, "baggage stax.env"), others))
             from_baggage, name, req.baggage = found
         else:
             from_baggage, req.baggage = parse_baggage(

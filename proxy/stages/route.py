@@ -12,6 +12,7 @@ from resolver.snapshot import Route
 from resolver.sync import SnapshotCell
 from resolver.validate import NAME_RE
 
+from ..memo import remember
 from ..request import Request
 from .path import normalize_path
 
@@ -31,10 +32,7 @@ def service_from_host(host: bytes | None) -> str | None:
         service = label.decode("ascii") or None
     except UnicodeDecodeError:
         service = None
-    if len(_SERVICES) >= 4096:  # bounded: clients choose these bytes
-        _SERVICES.clear()
-    _SERVICES[host] = service
-    return service
+    return remember(_SERVICES, host, service, 4096)
 
 
 def _resolve(cell: SnapshotCell, req: Request, service: str) -> None:
