@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--connections", default="8,64")
     ap.add_argument("--no-scale", action="store_true", help="skip the graph-scale runs")
     ap.add_argument("--scale-envs", type=int, default=10_000)
+    ap.add_argument("--scale-rounds", type=int, default=5,
+                    help="rounds of the graph-scale runs (a few percent between noisy runs: more rounds)")
     ap.add_argument("--profile", action="store_true",
                     help="also sample each stax mode with py-spy under load (64 conns, small body)")
     ap.add_argument("--python-load", action="store_true",
@@ -66,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", help="JSON path (default loadtests/results/bench-<timestamp>.json)")
     args = ap.parse_args(argv)
     if args.quick:
-        args.rounds, args.duration = 1, 2
+        args.rounds, args.duration, args.scale_rounds = 1, 2, 1
     args.targets = [t for t in args.targets.split(",") if t]
     unknown = set(args.targets) - set(ALL_TARGETS) - set(EXTRA_TARGETS)
     if unknown:
@@ -166,9 +168,9 @@ def table(summary: list[dict], comparable: bool) -> str:
 def scale_table(scale: dict) -> str:
     s = scale["summary"]
     g = scale["graph"]
-    out = [f"graph scale (stax gateway, {scale['connections']} conns, small body, requests rotate "
-           f"over every env; 10k graph: {g['envs']} envs x {g['services']} services, "
-           f"{g['bytes'] / 1e6:.1f} MB)",
+    out = [f"graph scale (stax gateway, {scale['connections']} conns, small body; 10k graph: "
+           f"{g['envs']} envs x {g['services']} services, {g['bytes'] / 1e6:.1f} MB; '3 envs': the "
+           f"3-env graph's traffic mix, else requests rotate over every env of the graph)",
            f"{'graph':>20}  {'req/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}  {'max ms':>7}  "
            f"{'CPU µs/req':>10}  {'RSS MB':>6}  errors  noise"]
     for name, v in s.items():
@@ -177,8 +179,11 @@ def scale_table(scale: dict) -> str:
                    f"{v['errors']:>6}  {v['foreign_cpu']:>5.0%}")
     applied = sum(r["applied"] for r in scale["reloads"])
     writes = sum(r["writes"] for r in scale["reloads"])
-    out.append(f"throughput 10k-env ÷ 3-env: {scale['throughput_ratio_10k_vs_3']:.2f}; "
-               f"p99 while reloading ÷ steady: {scale['p99_ratio_reloading_vs_steady']:.2f} "
+    out.append(f"10k-env ÷ 3-env, same 3-env traffic: throughput "
+               f"{scale['throughput_ratio_10k_vs_3_same_traffic']:.2f}, CPU per request "
+               f"{scale['cpu_ratio_10k_vs_3_same_traffic']:.2f}; traffic over all envs: throughput "
+               f"{scale['throughput_ratio_10k_vs_3']:.2f}, CPU per request {scale['cpu_ratio_10k_vs_3']:.2f}")
+    out.append(f"p99 while reloading ÷ steady: {scale['p99_ratio_reloading_vs_steady']:.2f} "
                f"({applied} reloads applied of {writes} file rewrites)")
     return "\n".join(out)
 
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in targets:
             t.stop()  # core 0 is the scale runs' now
         if not args.no_scale:
-            scale = run_scale(tmp, upstream.port, rounds=args.rounds, duration=args.duration,
+            scale = run_scale(tmp, upstream.port, rounds=args.scale_rounds, duration=args.duration,
                               connections=64, python_load=pyload, envs=args.scale_envs, log=log)
     summary = aggregate(rows)
     order = {n: i for i, n in enumerate(ALL_TARGETS + EXTRA_TARGETS)}

@@ -1,6 +1,8 @@
-"""Graph scale: stax gateway with a 3-env graph vs a 10,000-env x 50-service graph (requests
-rotate over every env of the graph), and the big graph's p99 while its file is rewritten every
-second (each rewrite moves one overlay, so each is a real reload) vs steady state."""
+"""Graph scale: stax gateway with a 3-env graph vs a 10,000-env x 50-service graph, driven two
+ways: with the same 3-env traffic (what the graph's size costs) and with requests rotating over
+every env of the graph (what 10,000 distinct request contexts cost on top: memory locality).
+Then the big graph's p99 while its file is rewritten every second (each rewrite moves one
+overlay, so each is a real reload) vs steady state."""
 
 from __future__ import annotations
 
@@ -18,6 +20,17 @@ import orjson
 from ..common import SMALL_ENVS, big_graph, env_names, small_graph
 from .load import LoadSpec, run_load
 from .targets import Target, start_stax_gateway
+
+
+def three_envs(doc: dict) -> list[str]:
+    """Three envs of a big_graph() resolving `bench` baseline, local and (where the graph is big
+    enough to have feature envs) ancestor, as SMALL_ENVS do in the 3-env graph: the same traffic
+    mix on both graphs isolates what the graph's size costs."""
+    envs = doc["envs"]
+    local = next(n for n, e in envs.items() if n != doc["baseline"] and "bench" in e["services"])
+    child = next((n for n, e in envs.items() if e.get("parent") == local and "bench" not in e["services"]),
+                 next(n for n, e in envs.items() if n != doc["baseline"] and "bench" not in e["services"]))
+    return [doc["baseline"], local, child]
 
 
 def _write(path: Path, doc: dict) -> None:
@@ -65,8 +78,10 @@ def summarize(rows: list[dict]) -> dict:
 def _measure(tmp: Path, small_gw: Target, big_gw: Target, big: dict, big_path: Path, *,
              rounds: int, duration: int, connections: int, python_load: bool, log) -> tuple:
     specs = {"3-env": (small_gw, LoadSpec(small_gw.port, "/small", envs=SMALL_ENVS)),
+             "10k-env, 3 envs": (big_gw, LoadSpec(big_gw.port, "/small", envs=three_envs(big))),
              "10k-env": (big_gw, LoadSpec(big_gw.port, "/small", envs=env_names(big)))}
-    results: dict[str, list[dict]] = {"3-env": [], "10k-env": [], "10k-env reloading": []}
+    results: dict[str, list[dict]] = {name: [] for name in specs}
+    results["10k-env reloading"] = []
     reloads = []
 
     def run(gw: Target, spec: LoadSpec) -> dict:
@@ -117,11 +132,15 @@ def run_scale(tmp: Path, upstream: int, *, rounds: int, duration: int, connectio
                                     python_load=python_load, log=log)
     summary = {name: summarize(rows) for name, rows in results.items()}
     small, steady, reload = summary["3-env"], summary["10k-env"], summary["10k-env reloading"]
+    same_traffic = summary["10k-env, 3 envs"]
     return {
         "graph": {"envs": len(big["envs"]), "services": services,
                   "bytes": big_path.stat().st_size},
         "connections": connections, "duration_s": duration,
         "runs": results, "summary": summary, "reloads": reloads,
         "throughput_ratio_10k_vs_3": steady["rps"] / small["rps"],
+        "throughput_ratio_10k_vs_3_same_traffic": same_traffic["rps"] / small["rps"],
+        "cpu_ratio_10k_vs_3": steady["cpu_us_per_req"] / small["cpu_us_per_req"],
+        "cpu_ratio_10k_vs_3_same_traffic": same_traffic["cpu_us_per_req"] / small["cpu_us_per_req"],
         "p99_ratio_reloading_vs_steady": reload["p99_ms"] / steady["p99_ms"],
     }

@@ -37,6 +37,34 @@ def test_bench_measures_both_stax_modes(tmp_path):
     assert data["comparable"] == (shutil.which("wrk") is not None)
 
 
+def test_bench_graph_scale_runs_every_traffic_shape(tmp_path):
+    out = tmp_path / "bench.json"
+    _run(["loadtests.bench", "--targets", "stax-gateway", "--bodies", "small", "--connections", "8",
+          "--rounds", "1", "--duration", "1", "--scale-envs", "300", "--scale-rounds", "1",
+          "--out", str(out)], timeout=120)
+    scale = json.loads(out.read_text())["scale"]
+    assert scale["graph"]["envs"] == 300
+    assert set(scale["summary"]) == {"3-env", "10k-env, 3 envs", "10k-env", "10k-env reloading"}
+    for row in scale["summary"].values():
+        assert row["errors"] == 0 and row["rps"] > 0 and row["cpu_us_per_req"] > 0
+    assert scale["throughput_ratio_10k_vs_3_same_traffic"] > 0 and scale["cpu_ratio_10k_vs_3"] > 0
+
+
+def test_scale_traffic_mix_matches_the_small_graph(tmp_path):
+    """The '3 envs' run drives the big graph with the kinds the 3-env graph's traffic has."""
+    from loadtests.bench.scale import three_envs
+    from loadtests.common import SMALL_ENVS, big_graph, small_graph
+    from resolver.sources.file import load_file
+
+    kinds = []
+    for doc, envs in ((big_graph("127.0.0.1:9"), None), (small_graph("127.0.0.1:9"), SMALL_ENVS)):
+        path = tmp_path / "g.json"
+        path.write_text(json.dumps(doc))
+        snap = load_file(str(path))
+        kinds.append(sorted(snap.resolve(e, "bench").kind for e in envs or three_envs(doc)))
+    assert kinds[0] == kinds[1]
+
+
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 def test_propagation_reaches_every_proxy(tmp_path):
     out = tmp_path / "prop.json"
