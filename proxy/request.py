@@ -24,7 +24,7 @@ class Request:
         "method", "target", "path", "version", "headers", "keep_alive", "chunked",
         "content_length", "peer", "scheme", "upgrade",
         "env", "service", "route", "hops", "trace_id", "parent_id", "span_id", "trace_flags",
-        "baggage", "started", "host", "expect_continue", "hop_names",
+        "baggage", "context_lines", "started", "host", "expect_continue", "hop_names",
         "h_baggage", "h_env", "h_traceparent", "h_hops", "h_cookie", "h_xff", "h_xfp",
         "span",
     )
@@ -51,6 +51,7 @@ class Request:
         self.parent_id = b""  # the caller's span id, from a valid incoming traceparent
         self.trace_flags = b"01"
         self.baggage = b""  # the other baggage members, as received, joined by ","
+        self.context_lines: bytes | None = None  # context_lines(env, baggage), when cached
         self.host: bytes | None = None
         self.expect_continue = False
         self.hop_names: frozenset = NOT_COPIED  # plus names listed in Connection

@@ -23,9 +23,10 @@ from .targets import Target, start_stax_gateway
 
 
 def three_envs(doc: dict) -> list[str]:
-    """Three envs of a big_graph() resolving `bench` baseline, local and (where the graph is big
-    enough to have feature envs) ancestor, as SMALL_ENVS do in the 3-env graph: the same traffic
-    mix on both graphs isolates what the graph's size costs."""
+    """Three envs of a big_graph() with the resolution kinds SMALL_ENVS have in the 3-env graph:
+    the baseline, a team env overlaying `bench` and (where the graph is big enough to have
+    feature envs) a child of it that inherits it. The same traffic mix on both graphs isolates
+    what the graph's size costs."""
     envs = doc["envs"]
     local = next(n for n, e in envs.items() if n != doc["baseline"] and "bench" in e["services"])
     child = next((n for n, e in envs.items() if e.get("parent") == local and "bench" not in e["services"]),

@@ -76,12 +76,21 @@ def cookie_value(cookie: bytes | None, key: bytes) -> bytes | None:
     return None
 
 
+def context_lines(env: str, others: bytes) -> bytes:
+    """The upstream head's context lines for `env` and the other baggage members, up to the
+    traceparent's span id (which is new on every hop)."""
+    name = env.encode()
+    baggage = others + b",stax.env=" + name if others else b"stax.env=" + name
+    return b"x-stax-env: %b\r\nbaggage: %b\r\ntraceparent: 00-" % (name, baggage)
+
+
 def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: int,
                  default_env, fallback=None):
     """`default_env(req)` names the env for a request with no context; `fallback(req)` (gateway)
     may find one in a cookie or subdomain when neither header is present."""
 
-    # one baggage header value -> (stax.env, its checked name, other members): values repeat
+    # one baggage header value -> (stax.env, its checked name, other members, context lines or
+    # None): values repeat
     parsed_baggage: dict[bytes, tuple] = {}
 
     def context(req: Request) -> None:
@@ -105,9 +114,10 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
             if found is None:
                 env, others = parse_baggage(values, max_bytes=max_baggage_bytes,
                                             max_members=max_baggage_members)
+                name = None if env is None else _check_name(env, "baggage stax.env")
                 found = remember(parsed_baggage, values[0], (
-                    env, None if env is None else _check_name(env, "baggage stax.env"), others))
-            from_baggage, name, req.baggage = found
+                    env, name, others, None if name is None else context_lines(name, others)))
+            from_baggage, name, req.baggage, req.context_lines = found
         else:
             from_baggage, req.baggage = parse_baggage(
                 values, max_bytes=max_baggage_bytes, max_members=max_baggage_members)

@@ -22,10 +22,12 @@ from resolver.errors import (
 from ..deadlines import Deadlines
 from ..errors import status_line
 from ..request import IDEMPOTENT, Request
+from .context import context_lines
 
 BODY_RETRY_LIMIT = 64 * 1024
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
+_HOPS_LINES = tuple(b"\r\nx-stax-hops: %d\r\n" % n for n in range(64))  # ends the traceparent line
 
 
 class Forwarder:
@@ -500,18 +502,15 @@ def _reason(exc: BaseException) -> str:
 
 def _request_head(req: Request, client) -> bytes:
     """The upstream request head: hop-by-hop dropped, context headers rewritten."""
-    env = req.env.encode()
     out = [req.method, b" ", req.path, b" HTTP/1.1\r\n"]
     skip = req.hop_names  # NOT_COPIED, plus names listed in Connection
     for lname, name, value in req.headers:
         if lname in skip:
             continue
         out.append(name + b": " + value + b"\r\n")
-    baggage = b"stax.env=" + env
-    if req.baggage:
-        baggage = req.baggage + b"," + baggage
-    out.append(b"x-stax-env: %b\r\nbaggage: %b\r\ntraceparent: 00-%b-%b-%b\r\nx-stax-hops: %d\r\n"
-               % (env, baggage, req.trace_id, req.span_id, req.trace_flags, req.hops))
+    out += (req.context_lines or context_lines(req.env, req.baggage), req.trace_id, b"-",
+            req.span_id, b"-", req.trace_flags,
+            _HOPS_LINES[req.hops] if req.hops < 64 else b"\r\nx-stax-hops: %d\r\n" % req.hops)
     if req.h_xff is None and req.h_xfp is None:
         out.append(client.forwarded)
     else:  # a trusted proxy's X-Forwarded-* (sanitize dropped anyone else's): extend them

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.stages.context import cookie_value, parse_baggage
+from proxy.stages.context import context_lines, cookie_value, parse_baggage
 from proxy.stages.path import normalize_path
 from proxy.tracing import parse_traceparent
 from resolver.errors import BadContext, BadRequest, HeadersTooLarge
@@ -85,3 +85,10 @@ def test_traceparent_fast_path_agrees_with_the_regex(edits, suffix):
         value[pos] = byte
     value = bytes(value) + suffix
     assert parse_traceparent(value) == _parse_slow(value)
+
+
+def test_context_lines_carry_the_env_after_the_other_members():
+    assert context_lines("team-a", b"userId=1,k=v") == (
+        b"x-stax-env: team-a\r\nbaggage: userId=1,k=v,stax.env=team-a\r\ntraceparent: 00-")
+    assert context_lines("team-a", b"") == (
+        b"x-stax-env: team-a\r\nbaggage: stax.env=team-a\r\ntraceparent: 00-")
