@@ -1,5 +1,7 @@
 """OpenTelemetry spans, only when an exporter is configured (an SDK server span + client
 span + inject costs ~50 µs, more than a whole request's budget, so it is off by default).
+The standard OTEL_TRACES_SAMPLER variables apply: a request the sampler drops costs one
+non-recording server span and no client span.
 
 A server span per request (parent: the incoming traceparent) and a client span per upstream
 attempt; the traceparent sent upstream carries the client span, so spans nest across
@@ -61,7 +63,7 @@ def _route_attrs(route) -> dict:
 
 
 def end_span(span, status: int, error: str | None = None) -> None:
-    if span is None:
+    if span is None or not span.is_recording():
         return
     span.set_attribute("http.response.status_code", status)
     if error or status >= 500:

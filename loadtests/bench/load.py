@@ -53,10 +53,13 @@ class LoadSpec:
     host: str = "bench"
     env: str = "baseline"
     envs: list[str] = field(default_factory=list)
+    traceparent: bool = True  # False: like a browser at the edge, the proxy starts each trace
 
     def headers(self, env: str) -> dict[str, str]:
-        return {"Host": self.host, "baggage": f"stax.env={env},userId=bench",
-                "traceparent": TRACEPARENT}
+        out = {"Host": self.host, "baggage": f"stax.env={env},userId=bench"}
+        if self.traceparent:
+            out["traceparent"] = TRACEPARENT
+        return out
 
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}{self.path}"

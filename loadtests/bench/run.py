@@ -29,10 +29,12 @@ from .targets import (
     Target,
     envoy_bin,
     nginx_bin,
+    otlp_counts,
     start_bare,
     start_envoy,
     start_naive,
     start_nginx_proxy,
+    start_otlp_sink,
     start_stax_gateway,
     start_stax_sidecar,
     start_upstream,
@@ -40,8 +42,16 @@ from .targets import (
 
 BODY_BYTES = {"small": len(SMALL_BODY), "16k": 16384, "1m": 1 << 20}
 ALL_TARGETS = ["direct", "nginx", "envoy", "envoy-lua", "aiohttp-naive", "python-floor", "stax-gateway", "stax-sidecar"]
-# Measured only when asked for (--targets), and reported apart: tracing with an exporter on.
-EXTRA_TARGETS = ["stax-gateway-otel"]
+# Measured only when asked for (--targets), and reported apart: tracing with an exporter on
+# (console; OTLP/HTTP to the bench's sink, every request traced or 1% by trace id).
+EXTRA_TARGETS = ["stax-gateway-otel", "stax-gateway-otlp", "stax-gateway-otlp-1pct"]
+# The sampled-by-ratio target gets no traceparent (an edge's usual client): each request starts
+# its own trace, so the sampler keeps 1% of them (the bench's fixed trace id is all or nothing).
+OTLP_TARGETS = {
+    "stax-gateway-otlp": ({}, {}),
+    "stax-gateway-otlp-1pct": ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
+                               {"traceparent": False}),
+}
 RESULTS = ROOT / "loadtests" / "results"
 
 
@@ -105,6 +115,20 @@ def check_target(t: Target, bodies: list[str]) -> list[str]:
     }
     problems += [f"{what} (saw {seen})" for what, ok in expect.items() if not ok]
     return problems
+
+
+def exported_spans(sink: Target, before: dict, rows: list[dict]) -> dict:
+    """Spans each OTLP target exported over the measured rounds (read once the batch processor's
+    5 s schedule has flushed them), per request sent: dropped spans show as a shortfall."""
+    time.sleep(6)
+    after = otlp_counts(sink)
+    out = {}
+    for name in OTLP_TARGETS:
+        requests = sum(r["requests"] for r in rows if r["target"] == name)
+        if requests:
+            n = after.get(f"/{name}", 0) - before.get(f"/{name}", 0)
+            out[name] = {"spans": n, "requests": requests, "per_request": n / requests}
+    return out
 
 
 # -- summary ----------------------------------------------------------------------------------
@@ -237,6 +261,15 @@ def main(argv: list[str] | None = None) -> int:
                                                             exporter="console"),
             "stax-sidecar": lambda: start_stax_sidecar(tmp, graph, upstream.port),
         }
+        sink = None
+        if OTLP_TARGETS.keys() & set(args.targets):
+            sink = start_otlp_sink(tmp)
+            if sink is not None:
+                cleanup.callback(sink.stop)
+        for name, (extra, load) in OTLP_TARGETS.items():
+            starters[name] = lambda name=name, extra=extra, load=load: sink and start_stax_gateway(
+                tmp, graph, name=name, exporter="otlp", load=load, otel_env={
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{sink.port}/{name}", **extra})
         for name in args.targets:
             t = starters[name]()
             if t is None:
@@ -252,15 +285,16 @@ def main(argv: list[str] | None = None) -> int:
             "x-stax-env=baseline, x-stax-hops=1, baggage kept, traceparent continued")
         for t in targets:  # warm up: pools, memoized routes, allocator
             for body in args.bodies:
-                run_load(LoadSpec(t.port, BODY_PATHS[body]), connections=max(args.connections),
+                run_load(LoadSpec(t.port, BODY_PATHS[body], **t.load), connections=max(args.connections),
                          duration=1, pids=[], tmp=tmp, python_load=pyload)
+        spans_before = otlp_counts(sink) if sink is not None else {}
         for r in range(args.rounds):  # interleaved: every target once per cell, then again
             for body in args.bodies:
                 for conns in args.connections:
                     for t in targets:
                         if not t.alive():
                             raise SystemExit(f"{t.name} died; see {tmp}")
-                        res = run_load(LoadSpec(t.port, BODY_PATHS[body]), connections=conns,
+                        res = run_load(LoadSpec(t.port, BODY_PATHS[body], **t.load), connections=conns,
                                        duration=args.duration, pids=t.pids(), tmp=tmp,
                                        python_load=pyload)
                         rows.append({"target": t.name, "body": body, "connections": conns,
@@ -269,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{res['rps']:>9,.0f} req/s  p99 {res['p99_ms']:7.2f} ms  "
                             f"cpu {_fmt(res['cpu_us_per_req'], '.1f')} µs/req  "
                             f"noise {_fmt(res['foreign_cpu'], '.0%')}")
+        spans = exported_spans(sink, spans_before, rows) if sink is not None else {}
         if args.profile:
             for t in targets:
                 if t.name.startswith("stax"):
@@ -286,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     comparable = tool == "wrk"
     print()
     print(table(summary, comparable))
+    for name, v in spans.items():
+        print(f"{name}: the OTLP sink received {v['spans']:,} spans for {v['requests']:,} measured "
+              f"requests ({v['per_request']:.3f} per request; a sampled request exports 2: server + client)")
     if scale:
         print()
         print(scale_table(scale))
@@ -298,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(orjson.dumps({
         "started": started, "environment": env, "targets": notes, "comparable": comparable,
-        "summary": summary, "runs": rows, "scale": scale, "profiles": profiles,
+        "summary": summary, "runs": rows, "scale": scale, "profiles": profiles, "otlp_spans": spans,
     }, option=orjson.OPT_INDENT_2))
     print(f"\nproxies pinned to core 0, wrk + upstream on core 1: {env['pinned']}; load: {tool}; "
           f"upstream: {upstream.note}; {args.rounds} round(s) x {args.duration} s; JSON: {out}")

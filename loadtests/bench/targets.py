@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class Target:
     admin: int = 0
     note: str = ""
     extra: list = field(default_factory=list)  # more processes to stop
+    load: dict = field(default_factory=dict)  # LoadSpec settings this target is driven with
 
     def pids(self) -> list[int]:
         return process_tree(self.proc.pid) if self.proc is not None else []
@@ -239,17 +241,41 @@ def start_bare(tmp: Path, upstream: int) -> Target:
 
 
 def start_stax_gateway(tmp: Path, graph: Path, *, name: str = "stax-gateway",
-                       log_level: str = "warning", exporter: str | None = None) -> Target:
+                       log_level: str = "warning", exporter: str | None = None,
+                       otel_env: dict | None = None, load: dict | None = None) -> Target:
+    """`exporter`: OTEL_TRACES_EXPORTER; `otel_env`: more OTEL_* settings (endpoint, sampler);
+    `load`: LoadSpec settings for driving it."""
     port, admin = free_port(), free_port()
+    env = {"OTEL_TRACES_EXPORTER": exporter, **(otel_env or {})} if exporter else None
     proc = spawn([stax_bin(), "gateway", "--graph", str(graph), "--listen", f"127.0.0.1:{port}",
                   "--admin", f"127.0.0.1:{admin}", "--log-level", log_level],
-                 core=PROXY_CORE, log=tmp / f"{name}.out",
-                 env={"OTEL_TRACES_EXPORTER": exporter} if exporter else None)
+                 core=PROXY_CORE, log=tmp / f"{name}.out", env=env)
     wait_port(port, proc=proc, timeout=60)
     note = "routing by Host, context, metrics"
     if exporter:
         note += f", OpenTelemetry spans to the {exporter} exporter (batch processor)"
-    return Target(name, port, proc, admin=admin, note=note)
+        sampler = (otel_env or {}).get("OTEL_TRACES_SAMPLER")
+        if sampler:
+            note += f", sampler {sampler} {(otel_env or {}).get('OTEL_TRACES_SAMPLER_ARG', '')}".rstrip()
+    return Target(name, port, proc, admin=admin, note=note, load=load or {})
+
+
+def start_otlp_sink(tmp: Path) -> Target | None:
+    """The bench's OTLP/HTTP receiver (on the load core), or None without the OTLP exporter."""
+    try:
+        import opentelemetry.exporter.otlp.proto.http  # noqa: F401
+    except ImportError:
+        return None
+    port = free_port()
+    proc = spawn([sys.executable, "-m", "loadtests.bench.otlp_sink", "--port", str(port)],
+                 core=LOAD_CORE, log=tmp / "otlp-sink.out")
+    wait_port(port, proc=proc)
+    return Target("otlp-sink", port, proc, note="counts the spans each traced target exports")
+
+
+def otlp_counts(sink: Target) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{sink.port}/counts", timeout=10) as r:
+        return json.load(r)
 
 
 def start_stax_sidecar(tmp: Path, graph: Path, upstream: int) -> Target:

@@ -110,7 +110,9 @@ class Exchange:
         ep = self.fw.health.pick(self.route, self.tried)  # raises NoHealthyEndpoint
         self.endpoint = ep
         self.attempt += 1
-        if self.fw.tracing is not None:
+        if self.fw.tracing is not None and self.req.span.is_recording():
+            # an unsampled request gets no client spans (the SDK would drop them too): the
+            # span id stax made for this hop goes upstream, with the unsampled flag
             self._trace_attempt(ep)
         conn = self.fw.pool.acquire_idle(ep)
         if conn is not None:

@@ -261,6 +261,32 @@ async def test_span_parentage_across_a_chain(tmp_path, proxies, upstreams):
     await runner.cleanup()
 
 
+async def test_unsampled_requests_make_no_client_spans(tmp_path, proxies, upstreams):
+    """The default sampler follows the caller: an unsampled traceparent stays unsampled, the
+    trace id continues with a new span id for this hop, and nothing is exported."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    (orders,) = await upstreams("orders")
+    _, url = await gateway(proxies, tmp_path, graph({"orders": [orders.addr]}), tracer_provider=provider)
+    trace_id, caller = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    async with aiohttp.ClientSession() as s:
+        for flags in ("00", "01"):
+            async with s.get(f"{url}/", headers={"Host": "orders",
+                                                 "traceparent": f"00-{trace_id}-{caller}-{flags}"}) as r:
+                assert r.status == 200
+    unsampled, sampled = (h["headers"]["traceparent"].split("-") for h in orders.seen[-2:])
+    assert unsampled[1] == trace_id and unsampled[2] not in (caller, "0" * 16) and unsampled[3] == "00"
+    spans = exporter.get_finished_spans()
+    assert sorted(s.name for s in spans) == ["stax forward orders", "stax gateway"]  # the sampled one only
+    client = next(s for s in spans if s.name == "stax forward orders")
+    assert sampled[3] == "01" and sampled[2] == format(client.context.span_id, "016x")
+
+
 async def test_sigterm_drains_in_flight_requests(tmp_path, upstreams):
     (up,) = await upstreams("slow")
     path = write_graph(tmp_path / "g.yaml", graph({"svc": [up.addr]}))
