@@ -37,6 +37,19 @@ def test_bench_measures_both_stax_modes(tmp_path):
     assert data["comparable"] == (shutil.which("wrk") is not None)
 
 
+def test_bench_traced_targets_export_over_otlp(tmp_path):
+    """stax's OTLP exporter, for real: every request traced exports its two spans to the bench's
+    sink; with a 1% trace-id sampler only a few do."""
+    out = tmp_path / "bench.json"
+    _run(["loadtests.bench", "--targets", "stax-gateway-otlp,stax-gateway-otlp-1pct", "--bodies", "small",
+          "--connections", "8", "--rounds", "1", "--duration", "1", "--no-scale", "--out", str(out)],
+         timeout=120)
+    spans = json.loads(out.read_text())["otlp_spans"]
+    assert set(spans) == {"stax-gateway-otlp", "stax-gateway-otlp-1pct"}
+    assert 1.5 <= spans["stax-gateway-otlp"]["per_request"] <= 2.2, spans
+    assert 0 < spans["stax-gateway-otlp-1pct"]["per_request"] < 0.2, spans
+
+
 def test_bench_graph_scale_runs_every_traffic_shape(tmp_path):
     out = tmp_path / "bench.json"
     _run(["loadtests.bench", "--targets", "stax-gateway", "--bodies", "small", "--connections", "8",
