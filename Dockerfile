@@ -21,7 +21,8 @@ COPY pyproject.toml README.md ./
 COPY resolver ./resolver
 COPY proxy ./proxy
 COPY control ./control
-RUN pip --python /opt/stax/bin/python install . \
+# `otlp`: the OTLP/HTTP span exporter, so OTEL_TRACES_EXPORTER=otlp works in the image
+RUN pip --python /opt/stax/bin/python install ".[otlp]" \
  && /opt/stax/bin/stax --help >/dev/null
 
 # -- runtime: slim base, the venv, a non-root user --------------------------------------------
