@@ -142,8 +142,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
             vals = [r[key] for r in rs if r[key] is not None]
             return statistics.median(vals) if vals else None
         rss = [r["rss_peak_mb"] for r in rs if r["rss_peak_mb"] is not None]
+        rps = [r["rps"] for r in rs if r["rps"]]
         out.append({"target": target, "body": body, "connections": conns, "rounds": len(rs),
                     "rps": med("rps"), "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"),
+                    "spread": max(rps) / min(rps) if rps else None,
                     "cpu_us_per_req": med("cpu_us_per_req"), "cpu_util": med("cpu_util"),
                     "rss_peak_mb": max(rss) if rss else None,
                     "foreign_cpu": max((r["foreign_cpu"] or 0 for r in rs), default=None),
@@ -153,10 +155,18 @@ def aggregate(rows: list[dict]) -> list[dict]:
         for ref in ("nginx", "envoy", "envoy-lua"):
             base = index.get((ref, s["body"], s["connections"]))
             ok = base is not None and s["target"] not in ("direct", ref)
-            s[f"rps_vs_{ref}"] = s["rps"] / base["rps"] if ok and base["rps"] else None
-            s[f"cpu_vs_{ref}"] = (s["cpu_us_per_req"] / base["cpu_us_per_req"]
-                                  if ok and s["cpu_us_per_req"] and base["cpu_us_per_req"] else None)
+            s[f"rps_vs_{ref}"] = paired_ratio(cells, s, ref, "rps") if ok else None
+            s[f"cpu_vs_{ref}"] = paired_ratio(cells, s, ref, "cpu_us_per_req") if ok else None
     return out
+
+
+def paired_ratio(cells: dict, s: dict, ref: str, key: str) -> float | None:
+    """The median over rounds of target ÷ reference within the same round. Rounds are
+    interleaved, so a slow spell of a shared machine hits both sides of each pair alike."""
+    by_round = {r["round"]: r[key] for r in cells.get((ref, s["body"], s["connections"]), [])}
+    ratios = [r[key] / by_round[r["round"]] for r in cells[(s["target"], s["body"], s["connections"])]
+              if r[key] and by_round.get(r["round"])]
+    return statistics.median(ratios) if ratios else None
 
 
 def _fmt(v, spec: str) -> str:
@@ -167,17 +177,19 @@ def table(summary: list[dict], comparable: bool) -> str:
     note = "" if comparable else " (not comparable: Python load generator)"
     head = ["target", "body", "conns", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "CPU util",
             "RSS MB", "req/s÷nginx", "req/s÷envoy", "req/s÷envoy-lua", "CPU÷nginx", "CPU÷envoy",
-            "errors", "noise"]
+            "errors", "noise", "spread"]
     lines = [[s["target"], s["body"], str(s["connections"]), _fmt(s["rps"], ",.0f"),
               _fmt(s["p50_ms"], ".2f"), _fmt(s["p99_ms"], ".2f"), _fmt(s["cpu_us_per_req"], ".1f"),
               _fmt(s["cpu_util"], ".0%"), _fmt(s["rss_peak_mb"], ".0f"),
               _fmt(s["rps_vs_nginx"], ".2f"), _fmt(s["rps_vs_envoy"], ".2f"),
               _fmt(s["rps_vs_envoy-lua"], ".2f"), _fmt(s["cpu_vs_nginx"], ".1f"), _fmt(s["cpu_vs_envoy"], ".1f"), str(s["errors"]),
-              _fmt(s["foreign_cpu"], ".0%") if s["target"] != "direct" else "-"]
+              _fmt(s["foreign_cpu"], ".0%") if s["target"] != "direct" else "-",
+              _fmt(s["spread"], ".2f")]
              for s in summary]
     widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
-    out = [f"ratios: this proxy ÷ the reference at the same body and connections{note}; noise: "
-           "the largest share of the proxy's core that other processes used in any round",
+    out = [f"ratios: this proxy ÷ the reference at the same body and connections, median of the "
+           f"per-round ratios{note}; noise: the largest share of the proxy's core that other "
+           "processes used in any round; spread: fastest ÷ slowest round of this target",
            "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
            "  ".join("-" * w for w in widths)]
     prev = None
