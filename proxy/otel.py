@@ -57,19 +57,20 @@ class Tracing:
                         "server.port": endpoint.port, "stax.retry": attempt - 1})
         return span, b"%016x" % span.get_span_context().span_id
 
+    @staticmethod
+    def end(span, status: int, error: str | None = None) -> None:
+        """End a span with the response status; spans the sampler dropped are left alone."""
+        if span is None or not span.is_recording():
+            return
+        span.set_attribute("http.response.status_code", status)
+        if error or status >= 500:
+            span.set_status(Status(StatusCode.ERROR, error))
+        span.end()
+
 
 def _route_attrs(route) -> dict:
     return {"stax.env": route.env, "stax.service": route.service, "stax.kind": route.kind,
             "stax.provider_env": route.provider_env or ""}
-
-
-def end_span(span, status: int, error: str | None = None) -> None:
-    if span is None or not span.is_recording():
-        return
-    span.set_attribute("http.response.status_code", status)
-    if error or status >= 500:
-        span.set_status(Status(StatusCode.ERROR, error))
-    span.end()
 
 
 def provider_from_config(exporter: str | None):

@@ -292,11 +292,9 @@ class ClientConnection(asyncio.Protocol):
             close = isinstance(err, (BadRequest, HeadersTooLarge))
         self.server.forwarder.record(req, err.status, time.monotonic() - req.started)
         if self.server.tracing is not None:
-            from .otel import end_span
-
             if req.span is None:
                 req.span = self.server.tracing.server_span(req, self.server.name)
-            end_span(req.span, err.status, err.code)
+            self.server.tracing.end(req.span, err.status, err.code)
             req.span = None
         route = req.route.header if req.route is not None else None
         self.send_error(req, err, close=close or not req.keep_alive, route_header=route)

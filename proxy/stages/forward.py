@@ -121,10 +121,8 @@ class Exchange:
             self.connecting = asyncio.ensure_future(self._connect(ep))
 
     def _trace_attempt(self, ep) -> None:
-        from ..otel import end_span
-
         if self.cspan is not None:
-            end_span(self.cspan, 502, "attempt failed; retrying")
+            self.fw.tracing.end(self.cspan, 502, "attempt failed; retrying")
         old = self.req.span_id
         self.cspan, span_id = self.fw.tracing.client_span(self.req.span, self.route, ep, self.attempt)
         self.head = self.head.replace(b"-" + old + b"-", b"-" + span_id + b"-", 1)
@@ -459,11 +457,10 @@ class Exchange:
         self.fw.record(self.req, status, time.monotonic() - self.t0, self.endpoint)
 
     def _end_spans(self, status: int, error: str | None) -> None:
-        from ..otel import end_span
-
-        end_span(self.cspan, status, error)
+        end = self.fw.tracing.end
+        end(self.cspan, status, error)
         self.cspan = None
-        end_span(self.req.span, status, error)
+        end(self.req.span, status, error)
         self.req.span = None
 
     def client_lost(self) -> None:
