@@ -42,8 +42,7 @@ class Tracing:
             attributes={"http.request.method": req.method.decode("latin-1"),
                         "url.path": req.path.decode("latin-1")[:256], "stax.listener": listener})
         sc = span.get_span_context()
-        if parent is None or not req.trace_id:  # the SDK chose the id, or kept a parent's stax has not read
-            req.trace_id = b"%032x" % sc.trace_id
+        req.trace_id = b"%032x" % sc.trace_id
         req.trace_flags = b"%02x" % int(sc.trace_flags)
         if req.route is not None and span.is_recording():
             span.set_attributes(_route_attrs(req.route))

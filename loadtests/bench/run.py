@@ -47,7 +47,7 @@ ALL_TARGETS = ["direct", "nginx", "envoy", "envoy-lua", "aiohttp-naive", "python
 EXTRA_TARGETS = ["stax-gateway-otel", "stax-gateway-otlp", "stax-gateway-otlp-1pct"]
 # The sampled-by-ratio target gets no traceparent (an edge's usual client): each request starts
 # its own trace, so the sampler keeps 1% of them (the bench's fixed trace id is all or nothing).
-OTLP_TARGETS = {
+OTLP_TARGETS = {  # name -> (OTEL_* settings beyond the exporter, LoadSpec settings)
     "stax-gateway-otlp": ({}, {}),
     "stax-gateway-otlp-1pct": ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.01"},
                                {"traceparent": False}),

@@ -246,17 +246,16 @@ def start_stax_gateway(tmp: Path, graph: Path, *, name: str = "stax-gateway",
     """`exporter`: OTEL_TRACES_EXPORTER; `otel_env`: more OTEL_* settings (endpoint, sampler);
     `load`: LoadSpec settings for driving it."""
     port, admin = free_port(), free_port()
-    env = {"OTEL_TRACES_EXPORTER": exporter, **(otel_env or {})} if exporter else None
+    otel = {"OTEL_TRACES_EXPORTER": exporter, **(otel_env or {})} if exporter else {}
     proc = spawn([stax_bin(), "gateway", "--graph", str(graph), "--listen", f"127.0.0.1:{port}",
                   "--admin", f"127.0.0.1:{admin}", "--log-level", log_level],
-                 core=PROXY_CORE, log=tmp / f"{name}.out", env=env)
+                 core=PROXY_CORE, log=tmp / f"{name}.out", env=otel)
     wait_port(port, proc=proc, timeout=60)
     note = "routing by Host, context, metrics"
     if exporter:
         note += f", OpenTelemetry spans to the {exporter} exporter (batch processor)"
-        sampler = (otel_env or {}).get("OTEL_TRACES_SAMPLER")
-        if sampler:
-            note += f", sampler {sampler} {(otel_env or {}).get('OTEL_TRACES_SAMPLER_ARG', '')}".rstrip()
+    if "OTEL_TRACES_SAMPLER" in otel:
+        note += f", sampler {otel['OTEL_TRACES_SAMPLER']} {otel.get('OTEL_TRACES_SAMPLER_ARG', '')}".rstrip()
     return Target(name, port, proc, admin=admin, note=note, load=load or {})
 
 
