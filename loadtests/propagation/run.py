@@ -2,9 +2,12 @@
 
 Starts one redis-server on a free port, pushes a graph with RedisStore, starts N stax
 gateways with `--redis` (no request traffic), then makes one-overlay changes and reports, per
-change, the time from the write (RedisStore.push returned: the Lua script committed and
-published) to each proxy serving the new version, as p50/p99/max across the proxies, plus
-the CPU each proxy spent per change. Two ways to timestamp, neither adds code to the proxy:
+change, the time from the write to each proxy serving the new version, as p50/p99/max across
+the proxies, plus the CPU each proxy spent per change. The write's time is its commit in
+Redis: the millisecond of the delta-stream entry id that the push script's XADD assigned
+(Redis's clock, the same host clock the proxies log by). Not when RedisStore.push returned:
+the script publishes before it replies, so a proxy can serve the change before the writer
+hears back. Two ways to timestamp the serving, neither adds code to the proxy:
 
   --via log     (default) each proxy's own "graph vN serving" log line: stamped in the proxy
                 when it swaps the snapshot, 1 ms resolution; proxies run --log-level info,
@@ -32,6 +35,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import redis.asyncio as aioredis
 
 from resolver.sources.redis_store import RedisStore
 
@@ -75,6 +79,15 @@ class Proxy:
         return None
 
 
+async def committed_at(r: aioredis.Redis, store: RedisStore, version: int) -> float:
+    """When `version` was committed, from its delta-stream entry id (`<ms>-<seq>`, given by
+    Redis inside the push script): a time in seconds, floored to the millisecond."""
+    ((entry_id, fields),) = await r.xrevrange(store.deltas_key, count=1)
+    if int(fields[b"version"]) != version:
+        raise AssertionError(f"newest delta is v{fields[b'version'].decode()}, not v{version}")
+    return int(entry_id.split(b"-")[0]) / 1000
+
+
 async def readyz(session: aiohttp.ClientSession, p: Proxy) -> dict:
     async with session.get(f"http://127.0.0.1:{p.admin}/readyz") as r:
         return await r.json()
@@ -111,7 +124,8 @@ async def by_log(proxies: list[Proxy], version: int, t_write: float, timeout: fl
         await asyncio.sleep(0.01)
     for p in proxies:
         p.offset = p.log.stat().st_size
-    return [(seen[i] - t_write) * 1000 for i in range(len(proxies))], 1.0
+    # both stamps are floored to the millisecond: round away float noise, not milliseconds
+    return [round((seen[i] - t_write) * 1000, 3) for i in range(len(proxies))], 1.0
 
 
 async def by_readyz(session, proxies: list[Proxy], version: int, t_write: float,
@@ -137,6 +151,7 @@ async def run_size(tmp: Path, url: str, envs: int, args) -> dict:
     doc = big_graph("127.0.0.1:9", envs=envs, services=min(50, max(5, envs)),
                     teams=max(1, min(100, envs // 10)))
     store = RedisStore(url, prefix=prefix)
+    r = aioredis.from_url(url)
     proxies: list[Proxy] = []
     level = "info" if args.via == "log" else "warning"
     try:
@@ -162,7 +177,7 @@ async def run_size(tmp: Path, url: str, envs: int, args) -> dict:
                 pids = [p.proc.pid for p in proxies]
                 cpu0 = cpu_seconds(pids)
                 version = await store.push(doc, expect_version=version)
-                t_write = time.time()
+                t_write = await committed_at(r, store, version)
                 if args.via == "log":
                     lat, resolution = await by_log(proxies, version, t_write, args.timeout)
                 else:
@@ -187,6 +202,7 @@ async def run_size(tmp: Path, url: str, envs: int, args) -> dict:
         for p in proxies:
             stop(p.proc)
         await store.close()
+        await r.aclose()
     every = [ms for c in changes for ms in c["ms"]]
     return {"envs": len(doc["envs"]), "graph_bytes": len(orjson.dumps(doc)), "changes": changes,
             "all": {"p50_ms": pct(every, 50), "p99_ms": pct(every, 99), "max_ms": max(every),
