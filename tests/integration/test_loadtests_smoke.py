@@ -1,10 +1,12 @@
-"""Smoke of the load-test harnesses: one tiny bench run through both stax modes and one graph
-change through Redis to two proxies, asserting on what they measured. Each runs as a
-subprocess (the bench pins its own process to a core)."""
+"""Smoke of the load-test harnesses: tiny bench runs (both stax modes, the traced targets, graph
+scale), one graph change through Redis to two proxies, and the Locust file against the demo,
+asserting on what they measured. Each runs as a subprocess (the bench pins its own process to
+a core; Locust monkey-patches its process)."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -92,12 +94,33 @@ def test_propagation_reaches_every_proxy(tmp_path):
     assert all(0 <= ms < 60_000 for ms in change["ms"]), change["ms"]
 
 
-def test_locust_scenarios_cover_every_resolution_kind():
-    pytest.importorskip("locust")
-    sys.path.insert(0, str(ROOT))
-    from loadtests.locustfile import SCENARIOS, headers_for
-
-    kinds = {s[4].split(":")[0] for s in SCENARIOS if not s[4].startswith("!")}
-    assert kinds == {"local", "ancestor", "baseline", "shared"}
-    h = headers_for("orders", "feature-1", "baggage")
-    assert h["Host"] == "orders" and h["baggage"].startswith("stax.env=feature-1,")
+def test_locust_scenarios_pass_against_the_demo(tmp_path):
+    """The Locust file headless against `stax demo --keep`: every scenario checks where stax
+    routed it (or the error it gave), so a failure here is a routing regression. Locust runs in
+    a subprocess: importing it monkey-patches the process with gevent."""
+    demo = subprocess.Popen([sys.executable, "-m", "control.cli", "demo", "--keep"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        port, seen = None, []
+        for line in demo.stdout:
+            seen.append(line)
+            if m := re.search(r"gateway on 127\.0\.0\.1:(\d+)", line):
+                port = int(m.group(1))
+            if "Running until Ctrl-C" in line:
+                break
+        assert port and demo.poll() is None, "".join(seen)
+        proc = subprocess.run([sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "locustfile.py"),
+                               "--host", f"http://127.0.0.1:{port}", "--headless", "-u", "10", "-r", "10",
+                               "-t", "5s", "--json", "--only-summary"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    finally:
+        demo.terminate()
+        demo.wait(timeout=30)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]  # 1 on any failure
+    stats = json.loads(proc.stdout)
+    assert sum(s["num_failures"] for s in stats) == 0
+    assert sum(s["num_requests"] for s in stats) > 50
+    expected = {s["name"].rsplit(" -> ", 1)[1] for s in stats if s["num_requests"]}
+    kinds = {e.split(":")[0] for e in expected if not e.startswith("!")}
+    assert kinds == {"local", "ancestor", "baseline", "shared"}, expected
+    assert any(e.startswith("!") for e in expected), expected  # refusals were checked too
