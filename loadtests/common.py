@@ -27,9 +27,32 @@ def stax_bin() -> str:
 _GIVEN: set[int] = set()
 
 
+def _below_ephemeral() -> range:
+    """Ports under the kernel's ephemeral range: no connect() or bind(0) of any process is
+    given one of these, so a port picked here stays free until its listener binds it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(max(10000, low - 12000), low)
+
+
 def free_port() -> int:
-    """A free loopback port, never the same one twice in this process: the kernel may hand
-    back a port just released, and two listeners given one port fail to start (seen in CI)."""
+    """A free loopback port for a listener started later, never the same one twice in this
+    process. Picked below the ephemeral range: a port from bind(0) is one that any outgoing
+    connection may take as its source port before the listener binds it (seen in CI)."""
+    ports = _below_ephemeral()
+    for _ in range(200 if len(ports) >= 1000 else 0):  # else: a kernel tuned to a low range
+        port = random.choice(ports)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
