@@ -177,6 +177,7 @@ async def run_size(tmp: Path, url: str, envs: int, args) -> dict:
                 pids = [p.proc.pid for p in proxies]
                 cpu0 = cpu_seconds(pids)
                 version = await store.push(doc, expect_version=version)
+                t_acked = time.time()
                 t_write = await committed_at(r, store, version)
                 if args.via == "log":
                     lat, resolution = await by_log(proxies, version, t_write, args.timeout)
@@ -192,7 +193,8 @@ async def run_size(tmp: Path, url: str, envs: int, args) -> dict:
                 changes.append({"version": version, "env": env, "service": service,
                                 "ms": sorted(lat), "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
                                 "max_ms": max(lat), "cpu_ms_per_proxy": cpu_ms,
-                                "resolution_ms": resolution})
+                                "resolution_ms": resolution,
+                                "writer_ack_ms": round((t_acked - t_write) * 1000, 3)})
                 log(f"  change {k + 1}: v{version} ({env}/{service}) p50 {pct(lat, 50):.0f} ms, "
                     f"max {max(lat):.0f} ms, {cpu_ms:.0f} ms CPU per proxy")
                 await asyncio.sleep(args.gap)
