@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -225,3 +227,24 @@ def tool_version(cmd: list[str]) -> str:
         return (out.stdout + out.stderr).strip().splitlines()[0][:120]
     except (OSError, IndexError, subprocess.SubprocessError):
         return "?"
+
+
+def parse_metrics(text: str) -> dict:
+    """What the harnesses read of a stax /metrics page: requests by mode and code class, local
+    errors by code, connections, graph version and sync errors."""
+    out: dict = {"requests": {}, "local_errors": {}}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "stax_requests_total":
+                mode = out["requests"].setdefault(s.labels["mode"], {})
+                cls = s.labels["code_class"]
+                mode[cls] = mode.get(cls, 0) + int(s.value)
+            elif s.name == "stax_local_errors_total":
+                out["local_errors"][s.labels["code"]] = int(s.value)
+            elif s.name == "stax_upstream_connections":
+                out[f"upstream_{s.labels['state']}"] = int(s.value)
+            elif s.name in ("stax_client_connections", "stax_graph_version",
+                            "stax_inflight_requests", "stax_graph_sync_errors_total",
+                            "stax_graph_rejected_total"):
+                out[s.name.removeprefix("stax_")] = int(s.value)
+    return out

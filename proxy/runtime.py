@@ -78,10 +78,12 @@ class Runtime:
     def __init__(self, config: ProxyConfig, *, cell: SnapshotCell | None = None,
                  tracer_provider=None) -> None:
         self.config = config
+        self.own_tracer_provider = None  # one made here is flushed and shut down in stop()
         if tracer_provider is None:
             from .otel import provider_from_config
 
-            tracer_provider = provider_from_config(config.otel_traces_exporter)
+            tracer_provider = self.own_tracer_provider = provider_from_config(
+                config.otel_traces_exporter)
         self.tracing = None
         if tracer_provider is not None:
             from .otel import Tracing
@@ -191,6 +193,11 @@ class Runtime:
         self.pool.close()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
+        if self.own_tracer_provider is not None:
+            # the spans of the last seconds are still in the batch: export them before exiting
+            # (blocking, bounded by the exporter's timeout), so a rolling restart loses none
+            await asyncio.to_thread(self.own_tracer_provider.shutdown)
+            self.own_tracer_provider = None
         self._stopped.set()
 
     async def wait_stopped(self) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import orjson
 
-from ..common import ROOT, http_get, small_graph, tool_version, two_cores
+from ..common import ROOT, http_get, parse_metrics, small_graph, tool_version, two_cores
 from . import profile as prof
 from .load import TRACEPARENT, LoadSpec, have_wrk, run_load
 from .scale import run_scale
@@ -117,17 +117,21 @@ def check_target(t: Target, bodies: list[str]) -> list[str]:
     return problems
 
 
-def exported_spans(sink: Target, before: dict, rows: list[dict]) -> dict:
-    """Spans each OTLP target exported over the measured rounds (read once the batch processor's
-    5 s schedule has flushed them), per request sent: dropped spans show as a shortfall."""
-    time.sleep(6)
-    after = otlp_counts(sink)
+def exported_spans(sink: Target, targets: list[Target]) -> dict:
+    """Spans each OTLP target exported, per request it handled (its own stax_requests_total,
+    warm-up and checks included like their spans): a sampled request exports 2, so a dropped
+    span shows as a shortfall. Each target is stopped first: stax exports what is still
+    batched when SIGTERM ends it, so nothing waits on the batch processor's schedule."""
     out = {}
-    for name in OTLP_TARGETS:
-        requests = sum(r["requests"] for r in rows if r["target"] == name)
-        if requests:
-            n = after.get(f"/{name}", 0) - before.get(f"/{name}", 0)
-            out[name] = {"spans": n, "requests": requests, "per_request": n / requests}
+    for t in targets:
+        if t.name not in OTLP_TARGETS:
+            continue
+        _, _, body = http_get(t.admin, "/metrics", {})
+        handled = sum(sum(by_class.values())
+                      for by_class in parse_metrics(body.decode())["requests"].values())
+        t.stop()
+        n = otlp_counts(sink).get(f"/{t.name}", 0)
+        out[t.name] = {"spans": n, "requests": handled, "per_request": n / max(handled, 1)}
     return out
 
 
@@ -299,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
             for body in args.bodies:
                 run_load(LoadSpec(t.port, BODY_PATHS[body], **t.load), connections=max(args.connections),
                          duration=1, pids=[], tmp=tmp, python_load=pyload)
-        spans_before = otlp_counts(sink) if sink is not None else {}
         for r in range(args.rounds):  # interleaved: every target once per cell, then again
             for body in args.bodies:
                 for conns in args.connections:
@@ -315,10 +318,10 @@ def main(argv: list[str] | None = None) -> int:
                             f"{res['rps']:>9,.0f} req/s  p99 {res['p99_ms']:7.2f} ms  "
                             f"cpu {_fmt(res['cpu_us_per_req'], '.1f')} µs/req  "
                             f"noise {_fmt(res['foreign_cpu'], '.0%')}")
-        spans = exported_spans(sink, spans_before, rows) if sink is not None else {}
+        spans = exported_spans(sink, targets) if sink is not None else {}
         if args.profile:
             for t in targets:
-                if t.name.startswith("stax"):
+                if t.name.startswith("stax") and t.name not in OTLP_TARGETS:  # those are stopped
                     profiles[t.name] = prof.profile_under_load(
                         t, tmp=tmp, duration=max(args.duration, 10), out_dir=RESULTS,
                         python_load=pyload)
@@ -334,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(summary, comparable))
     for name, v in spans.items():
-        print(f"{name}: the OTLP sink received {v['spans']:,} spans for {v['requests']:,} measured "
-              f"requests ({v['per_request']:.3f} per request; a sampled request exports 2: server + client)")
+        print(f"{name}: the OTLP sink received {v['spans']:,} spans for the {v['requests']:,} "
+              f"requests it handled ({v['per_request']:.3f} per request; a sampled request exports 2: server + client)")
     if scale:
         print()
         print(scale_table(scale))

@@ -13,8 +13,6 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from ..bench.load import SOCKET_ERRORS, LoadSpec, read_summary
 from ..bench.targets import SMALL_BODY
 from ..common import (
@@ -22,6 +20,7 @@ from ..common import (
     cpu_seconds,
     free_port,
     http_get,
+    parse_metrics,
     rss_bytes,
     small_graph,
     spawn,
@@ -175,25 +174,6 @@ class Stream:
 
 
 # -- sampling ---------------------------------------------------------------------------------
-def parse_metrics(text: str) -> dict:
-    out: dict = {"requests": {}, "local_errors": {}}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == "stax_requests_total":
-                mode = out["requests"].setdefault(s.labels["mode"], {})
-                cls = s.labels["code_class"]
-                mode[cls] = mode.get(cls, 0) + int(s.value)
-            elif s.name == "stax_local_errors_total":
-                out["local_errors"][s.labels["code"]] = int(s.value)
-            elif s.name == "stax_upstream_connections":
-                out[f"upstream_{s.labels['state']}"] = int(s.value)
-            elif s.name in ("stax_client_connections", "stax_graph_version",
-                            "stax_inflight_requests", "stax_graph_sync_errors_total",
-                            "stax_graph_rejected_total"):
-                out[s.name.removeprefix("stax_")] = int(s.value)
-    return out
-
-
 def sample_proxy(p: Proxy) -> dict:
     """RSS, fds and CPU time from /proc; connections, request counts and the graph version
     from /metrics; readiness and the version again from /readyz."""

@@ -48,7 +48,9 @@ def test_bench_traced_targets_export_over_otlp(tmp_path):
          timeout=120)
     spans = json.loads(out.read_text())["otlp_spans"]
     assert set(spans) == {"stax-gateway-otlp", "stax-gateway-otlp-1pct"}
-    assert 1.5 <= spans["stax-gateway-otlp"]["per_request"] <= 2.2, spans
+    # counted against the proxy's own request counter, after a SIGTERM flushed the batches:
+    # exactly 2 unless the SDK's span queue overflowed (tolerated up to a tenth here)
+    assert 1.8 <= spans["stax-gateway-otlp"]["per_request"] <= 2.0, spans
     assert 0 < spans["stax-gateway-otlp-1pct"]["per_request"] < 0.2, spans
 
 

@@ -4,10 +4,12 @@ tracing across a chain, and graceful drain — each against real servers."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import ssl
 import subprocess
 import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -314,6 +316,40 @@ async def test_sigterm_drains_in_flight_requests(tmp_path, upstreams):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_sigterm_exports_the_spans_still_batched(tmp_path, upstreams):
+    """Spans wait in the SDK's batch for up to its schedule; a drained proxy exports them
+    before it exits instead of losing the last seconds of traces at every rolling restart."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http", reason="the otlp extra")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from loadtests.bench.otlp_sink import make_app
+
+    (up,) = await upstreams("svc")
+    sink, sink_port = await serve_app(make_app())
+    path = write_graph(tmp_path / "g.yaml", graph({"svc": [up.addr]}))
+    port, admin = free_port(), free_port()
+    env = dict(os.environ, OTEL_TRACES_EXPORTER="otlp", OTEL_BSP_SCHEDULE_DELAY="600000",
+               OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"http://127.0.0.1:{sink_port}/stax")
+    proc = subprocess.Popen([sys.executable, "-m", "control.cli", "gateway", "--graph", path,
+                             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+                             "--log-level", "warning"], env=env, stderr=subprocess.PIPE)
+    try:
+        await wait_ready(admin, proc)
+        async with aiohttp.ClientSession() as s:
+            for _ in range(10):
+                async with s.get(f"http://127.0.0.1:{port}/", headers={"Host": "svc"}) as r:
+                    assert r.status == 200
+            async with s.get(f"http://127.0.0.1:{sink_port}/counts") as r:
+                assert await r.json() == {}  # all 20 spans still batched (10-minute schedule)
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30) == 0
+            async with s.get(f"http://127.0.0.1:{sink_port}/counts") as r:
+                assert await r.json() == {"/stax": 20}  # a server and a client span per request
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await sink.cleanup()
 
 
 async def test_round_robin_and_weights(tmp_path, proxies, upstreams):
