@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint venv redis bench clean
+.PHONY: demo test lint venv os-packages bench clean
 
 $(BIN)/stax: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,20 +16,24 @@ venv: $(BIN)/stax
 demo: venv
 	$(BIN)/stax demo
 
-# redis-server is needed by the integration tests: install it from the OS packages when missing.
-redis:
-	@command -v redis-server >/dev/null 2>&1 || { \
+# The integration tests need redis-server, and the soak smoke needs wrk: install what is
+# missing from the OS packages.
+OS_PKGS := redis-server wrk
+os-packages:
+	@missing=""; for p in $(OS_PKGS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
-	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  fi; \
-	  command -v redis-server >/dev/null 2>&1 || { echo "redis-server is missing: install it (Debian/Ubuntu: apt-get install redis-server)"; exit 1; }; }
+	  for p in $(OS_PKGS); do command -v $$p >/dev/null 2>&1 || { echo "$$p is missing: install it (Debian/Ubuntu: apt-get install $$p)"; exit 1; }; done; \
+	fi
 
 lint: venv
 	$(BIN)/ruff check .
 
-test: venv redis
+test: venv os-packages
 	$(BIN)/python -m pytest -q
 
 bench: venv

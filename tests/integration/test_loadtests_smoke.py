@@ -1,5 +1,6 @@
 """Smoke of the load-test harnesses: tiny bench runs (both stax modes, the traced targets, graph
-scale), one graph change through Redis to two proxies, and the Locust file against the demo,
+scale), one graph change through Redis to two proxies, a 12 s soak, and the Locust file
+against the demo,
 asserting on what they measured. Each runs as a subprocess (the bench pins its own process to
 a core; Locust monkey-patches its process)."""
 
@@ -94,6 +95,25 @@ def test_propagation_reaches_every_proxy(tmp_path):
     # measured from the commit in Redis (its delta-stream id), which precedes any proxy's swap
     # on the same clock; before, it was from push returning and a fast proxy came out negative
     assert all(0 <= ms < 60_000 for ms in change["ms"]), change["ms"]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("wrk") is None,
+                    reason="the soak needs redis-server and wrk (`make test` installs both)")
+def test_soak_chain_takes_graph_pushes_without_errors(tmp_path):
+    """A 12 s soak: wrk through gateway -> sidecar and through the sidecar's egress while the
+    graph is pushed to Redis every second. The memory and fd bounds are the 5-minute soak's
+    job; a smoke this short holds it to what it can show: no failed request, every push
+    served by both proxies, every process alive."""
+    out = tmp_path / "soak.json"
+    proc = subprocess.run([sys.executable, "-m", "loadtests.soak", "--duration", "12", "--warmup", "4",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stdout[-2000:] + proc.stderr[-2000:]  # 1: a check failed
+    data = json.loads(out.read_text())
+    checks = {c["check"]: c for c in data["checks"]}
+    for name in ("errors", "versions", "processes"):
+        assert checks[name]["ok"], checks[name]["detail"]
+    assert data["wrk"]["gateway"]["requests"] > 0 and data["wrk"]["egress"]["requests"] > 0
+    assert data["pushes"]["done"] >= 8 and not data["pushes"]["failed"]
 
 
 def test_locust_scenarios_pass_against_the_demo(tmp_path):
