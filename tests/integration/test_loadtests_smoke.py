@@ -1,8 +1,7 @@
 """Smoke of the load-test harnesses: tiny bench runs (both stax modes, the traced targets, graph
 scale), one graph change through Redis to two proxies, a 12 s soak, and the Locust file
-against the demo,
-asserting on what they measured. Each runs as a subprocess (the bench pins its own process to
-a core; Locust monkey-patches its process)."""
+against the demo, asserting on what they measured. Each runs as a subprocess (the bench pins
+its own process to a core; Locust monkey-patches its process)."""
 
 from __future__ import annotations
 

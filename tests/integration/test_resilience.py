@@ -9,7 +9,6 @@ import signal
 import ssl
 import subprocess
 import sys
-from pathlib import Path
 
 import aiohttp
 import pytest
@@ -322,7 +321,6 @@ async def test_sigterm_exports_the_spans_still_batched(tmp_path, upstreams):
     """Spans wait in the SDK's batch for up to its schedule; a drained proxy exports them
     before it exits instead of losing the last seconds of traces at every rolling restart."""
     pytest.importorskip("opentelemetry.exporter.otlp.proto.http", reason="the otlp extra")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from loadtests.bench.otlp_sink import make_app
 
     (up,) = await upstreams("svc")
