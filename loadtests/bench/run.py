@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 
 from ..common import ROOT, http_get, parse_metrics, small_graph, tool_version, two_cores
+from . import goals as bench_goals
 from . import profile as prof
 from .load import TRACEPARENT, LoadSpec, have_wrk, run_load
 from .scale import run_scale
@@ -161,6 +162,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
             ok = base is not None and s["target"] not in ("direct", ref)
             s[f"rps_vs_{ref}"] = paired_ratio(cells, s, ref, "rps") if ok else None
             s[f"cpu_vs_{ref}"] = paired_ratio(cells, s, ref, "cpu_us_per_req") if ok else None
+        base = index.get(("nginx", s["body"], s["connections"]))
+        s["p99_vs_nginx"] = (paired_ratio(cells, s, "nginx", "p99_ms")
+                             if base is not None and s["target"] not in ("direct", "nginx") else None)
     return out
 
 
@@ -345,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, p in profiles.items():
         print()
         print(prof.report(name, p))
+    goals = bench_goals.evaluate(summary, scale)
+    if goals:
+        print()
+        print(bench_goals.table(goals))
     env = environment(args, upstream, tool)
     notes = {t.name: t.note for t in targets}
     out = Path(args.out) if args.out else RESULTS / time.strftime("bench-%Y%m%d-%H%M%S.json")
@@ -352,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_bytes(orjson.dumps({
         "started": started, "environment": env, "targets": notes, "comparable": comparable,
         "summary": summary, "runs": rows, "scale": scale, "profiles": profiles, "otlp_spans": spans,
+        "goals": goals,
     }, option=orjson.OPT_INDENT_2))
     print(f"\nproxies pinned to core 0, wrk + upstream on core 1: {env['pinned']}; load: {tool}; "
           f"upstream: {upstream.note}; {args.rounds} round(s) x {args.duration} s; JSON: {out}")

@@ -1,0 +1,40 @@
+"""The bench's goal verdicts: each bound read in its direction, unmeasured goals left out."""
+
+from __future__ import annotations
+
+from loadtests.bench import goals
+
+
+def row(target: str, body: str, conns: int, **ratios) -> dict:
+    base = {"target": target, "body": body, "connections": conns, "rss_peak_mb": 48.0,
+            "rps_vs_envoy": None, "rps_vs_nginx": None, "p99_vs_nginx": None}
+    return {**base, **ratios}
+
+
+def test_bounds_are_read_in_their_direction():
+    summary = [
+        row("nginx", "small", 64, rss_peak_mb=16.0),
+        row("stax-gateway", "small", 64, rps_vs_envoy=2.1, rps_vs_nginx=0.55),
+        row("stax-sidecar", "small", 64, rps_vs_envoy=2.0, rps_vs_nginx=0.61),
+        row("stax-gateway", "small", 8, p99_vs_nginx=1.5),
+        row("stax-sidecar", "small", 8, p99_vs_nginx=2.5, rss_peak_mb=70.0),
+    ]
+    scale = {"throughput_ratio_10k_vs_3_same_traffic": 0.97, "throughput_ratio_10k_vs_3": 0.94,
+             "p99_ratio_reloading_vs_steady": 1.4}
+    verdicts = {g["goal"]: g for g in goals.evaluate(summary, scale)}
+    assert verdicts["req/s ÷ Envoy, small body, 64 connections"]["met"]  # 2.0 counts as 2x
+    assert not verdicts["req/s ÷ nginx, small body, 64 connections"]["met"]  # one of two short
+    assert not verdicts["p99 ÷ nginx's, small body, 8 connections"]["met"]  # an upper bound
+    rss = verdicts["peak RSS MB under load, 3-env bench graph"]
+    assert rss["values"] == {"stax-gateway": 48.0, "stax-sidecar": 70.0} and not rss["met"]
+    assert not verdicts["req/s, 10,000-env graph ÷ 3-env graph"]["met"]  # rotating: 0.94
+    assert verdicts["p99 while the 10,000-env graph reloads ÷ steady"]["met"]
+    assert "req/s ÷ nginx, 1 MiB bodies" not in verdicts  # no 1 MiB cells measured
+    text = goals.table(list(verdicts.values()))
+    assert "NOT met  p99 ÷ nginx's, small body, 8 connections ≤ 2: stax-gateway 1.50, stax-sidecar 2.50" in text
+
+
+def test_a_run_without_references_makes_no_ratio_verdicts():
+    summary = [row("stax-gateway", "small", 8), row("python-floor", "small", 8)]
+    assert [g["goal"] for g in goals.evaluate(summary, None)] == [
+        "peak RSS MB under load, 3-env bench graph"]
