@@ -1,7 +1,7 @@
 """Smoke of the load-test harnesses: tiny bench runs (both stax modes, the traced targets, graph
-scale), one graph change through Redis to two proxies, a 12 s soak, and the Locust file
-against the demo, asserting on what they measured. Each runs as a subprocess (the bench pins
-its own process to a core; Locust monkey-patches its process)."""
+scale), the instruction counter, one graph change through Redis to two proxies, a 12 s soak,
+and the Locust file against the demo, asserting on what they measured. Each runs as a
+subprocess (the bench pins its own process to a core; Locust monkey-patches its process)."""
 
 from __future__ import annotations
 
@@ -94,6 +94,21 @@ def test_propagation_reaches_every_proxy(tmp_path):
     # measured from the commit in Redis (its delta-stream id), which precedes any proxy's swap
     # on the same clock; before, it was from push returning and a fast proxy came out negative
     assert all(0 <= ms < 60_000 for ms in change["ms"]), change["ms"]
+
+
+def test_icount_drives_the_real_request_path():
+    """The in-process driver pushes requests through stax's protocols and stages (it exits
+    non-zero if the upstream did not get the rewritten request); under valgrind it counts
+    the instructions of a request."""
+    proc = subprocess.run([sys.executable, "-m", "loadtests.icount", "--requests", "200", "--json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["us_per_request_in_process"] > 0
+    if shutil.which("valgrind"):
+        assert 10_000 < result["instructions_per_request"] < 2_000_000, result
+    else:
+        assert result["instructions_per_request"] is None
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("wrk") is None,

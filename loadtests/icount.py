@@ -1,0 +1,175 @@
+"""`python -m loadtests.icount`: the Python cost of one request, counted in instructions.
+
+On a shared VM, req/s and CPU µs per request move by more than most code changes (the bench's
+spread column). This drives stax's real request path in-process: the real client and upstream
+protocols, httptools, the stages, metrics, with in-memory transports instead of sockets. So it
+measures exactly what stax's code costs and nothing of the kernel. Under
+`valgrind --tool=callgrind` it counts the instructions of N requests (the run with N minus the
+run with none, so start-up cancels out): the same build gives the same count, whatever else
+the machine is doing. Compare two trees by running this in each. Without valgrind it prints
+only the in-process time per request (best of 5), which is as noisy as the machine.
+
+    python -m loadtests.icount                    # gateway, 5,000 requests
+    python -m loadtests.icount --mode sidecar     # the sidecar's egress listener
+
+Tracing with an exporter is measured by the bench (`--targets stax-gateway-otlp,...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .bench.load import TRACEPARENT
+from .common import small_graph
+
+UPSTREAM = "127.0.0.1:8000"  # never dialled: the driver hands the pool a connected fake
+REQUEST = (b"GET /small HTTP/1.1\r\nHost: bench\r\nbaggage: stax.env=baseline,userId=bench\r\n"
+           b"traceparent: " + TRACEPARENT.encode() + b"\r\n\r\n")
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Wed, 02 Dec 2026 04:00:00 GMT\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\n"
+            b"hello, world\n")
+
+
+class MemoryTransport:
+    """What the protocols call on a transport, keeping the last write to check."""
+
+    def __init__(self) -> None:
+        self.last = b""
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.last = data
+
+    def writelines(self, parts) -> None:
+        self.last = b"".join(parts)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, key: str, default=None):
+        return ("127.0.0.1", 40000) if key == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closing = True
+
+    abort = close
+
+
+async def drive(mode: str, requests: int, timed: bool) -> float | None:
+    from proxy.config import ProxyConfig
+    from proxy.gateway import build_gateway
+    from proxy.runtime import Runtime
+    from proxy.server_protocol import ClientConnection
+    from proxy.sidecar import build_sidecar
+    from proxy.upstream_protocol import UpstreamConnection
+    from resolver.sources.file import load_file
+
+    tmp = Path(tempfile.mkdtemp(prefix="stax-icount-"))
+    graph = tmp / "graph.json"
+    graph.write_text(json.dumps(small_graph(UPSTREAM)))
+    extra = {"env": "baseline", "service": "bench", "app": UPSTREAM} if mode == "sidecar" else {}
+    cfg = ProxyConfig(mode=mode, graph=str(graph), **extra)
+    rt = Runtime(cfg)
+    rt.cell.publish(load_file(cfg.graph))
+    listeners = build_gateway(rt) if mode == "gateway" else build_sidecar(rt)
+    listener = listeners[-1][0]  # the gateway's one, or the sidecar's egress
+    client_t, upstream_t = MemoryTransport(), MemoryTransport()
+    client = ClientConnection(listener, b"http")
+    client.connection_made(client_t)
+    endpoint = rt.cell.current.resolve("baseline", "bench").endpoints[0]
+    upstream = UpstreamConnection(rt.pool, endpoint.address)
+    upstream.connection_made(upstream_t)
+    rt.pool.active += 1
+    rt.pool.release(upstream)  # now idle in the pool, where the first request finds it
+
+    def one() -> None:
+        client.data_received(REQUEST)
+        upstream.data_received(RESPONSE)
+
+    for _ in range(2000):  # warm: memoized routes and context, specialised bytecode
+        one()
+    if b"x-stax-env: baseline" not in upstream_t.last or not client_t.last.startswith(b"HTTP/1.1 200"):
+        raise SystemExit(f"the driver's request did not go through:\n{upstream_t.last!r}\n{client_t.last!r}")
+    best = None
+    if timed:
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(requests):
+                one()
+            took = (time.perf_counter() - t0) / requests * 1e6
+            best = took if best is None else min(best, took)
+    else:
+        for _ in range(requests):
+            one()
+    shutil.rmtree(tmp, ignore_errors=True)
+    return best
+
+
+def callgrind_total(args, requests: int) -> int:
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+           "-m", "loadtests.icount", "--inner", "--requests", str(requests), "--mode", args.mode]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
+                         env={**os.environ, "PYTHONHASHSEED": "0"})  # same hashes, same probes
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    if out.returncode != 0 or found is None:
+        raise SystemExit(f"valgrind run failed ({out.returncode}):\n{out.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def run_loop(coro):
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loadtests.icount", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--mode", choices=["gateway", "sidecar"], default="gateway")
+    ap.add_argument("--requests", type=int, default=5000)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # the run under valgrind
+    args = ap.parse_args(argv)
+    if args.inner:
+        run_loop(drive(args.mode, args.requests, timed=False))
+        return 0
+    us = run_loop(drive(args.mode, args.requests, timed=True))
+    result = {"mode": args.mode, "requests": args.requests,
+              "us_per_request_in_process": us, "instructions_per_request": None}
+    if shutil.which("valgrind"):
+        base = callgrind_total(args, 0)
+        result["instructions_per_request"] = (callgrind_total(args, args.requests) - base) / args.requests
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    what = f"stax {args.mode}"
+    print(f"{what}: {us:.2f} µs per request in-process (best of 5 x {args.requests:,}; as noisy as the machine)")
+    if result["instructions_per_request"] is None:
+        print("valgrind is not installed (apt-get install valgrind): no instruction count")
+    else:
+        print(f"{what}: {result['instructions_per_request']:,.0f} instructions per request "
+              f"(callgrind, {args.requests:,} requests minus none: repeatable)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
