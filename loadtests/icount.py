@@ -11,6 +11,7 @@ only the in-process time per request (best of 5), which is as noisy as the machi
 
     python -m loadtests.icount                    # gateway, 5,000 requests
     python -m loadtests.icount --mode sidecar     # the sidecar's egress listener
+    python -m loadtests.icount --mode floor       # the featureless Python floor, for reference
 
 Tracing with an exporter is measured by the bench (`--targets stax-gateway-otlp,...`).
 """
@@ -71,7 +72,22 @@ class MemoryTransport:
     abort = close
 
 
-async def drive(mode: str, requests: int, timed: bool) -> float | None:
+def floor_pair() -> tuple:
+    """The Python floor (loadtests/bare_protocol_proxy.py: httptools, no features) wired to
+    in-memory transports: (client protocol, upstream protocol, client transport, upstream one)."""
+    from .bare_protocol_proxy import Client, Upstream
+
+    client_t, upstream_t = MemoryTransport(), MemoryTransport()
+    client = Client(("127.0.0.1", 8000))
+    client.transport = client_t  # not connection_made: that would dial the upstream
+    client.upstream = Upstream(client)
+    client.upstream.connection_made(upstream_t)
+    return client, client.upstream, client_t, upstream_t
+
+
+def stax_pair(mode: str, tmp: Path) -> tuple:
+    """stax's client and upstream protocols, the stages and metrics of `mode`, wired to
+    in-memory transports, the upstream connection idle in the pool."""
     from proxy.config import ProxyConfig
     from proxy.gateway import build_gateway
     from proxy.runtime import Runtime
@@ -80,7 +96,6 @@ async def drive(mode: str, requests: int, timed: bool) -> float | None:
     from proxy.upstream_protocol import UpstreamConnection
     from resolver.sources.file import load_file
 
-    tmp = Path(tempfile.mkdtemp(prefix="stax-icount-"))
     graph = tmp / "graph.json"
     graph.write_text(json.dumps(small_graph(UPSTREAM)))
     extra = {"env": "baseline", "service": "bench", "app": UPSTREAM} if mode == "sidecar" else {}
@@ -97,6 +112,12 @@ async def drive(mode: str, requests: int, timed: bool) -> float | None:
     upstream.connection_made(upstream_t)
     rt.pool.active += 1
     rt.pool.release(upstream)  # now idle in the pool, where the first request finds it
+    return client, upstream, client_t, upstream_t
+
+
+async def drive(mode: str, requests: int, timed: bool) -> float | None:
+    tmp = Path(tempfile.mkdtemp(prefix="stax-icount-"))
+    client, upstream, client_t, upstream_t = floor_pair() if mode == "floor" else stax_pair(mode, tmp)
 
     def one() -> None:
         client.data_received(REQUEST)
@@ -104,7 +125,8 @@ async def drive(mode: str, requests: int, timed: bool) -> float | None:
 
     for _ in range(2000):  # warm: memoized routes and context, specialised bytecode
         one()
-    if b"x-stax-env: baseline" not in upstream_t.last or not client_t.last.startswith(b"HTTP/1.1 200"):
+    if ((b"x-stax-env: baseline" not in upstream_t.last and mode != "floor")
+            or not upstream_t.last.startswith(b"GET /small ") or not client_t.last.startswith(b"HTTP/1.1 200")):
         raise SystemExit(f"the driver's request did not go through:\n{upstream_t.last!r}\n{client_t.last!r}")
     best = None
     if timed:
@@ -144,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtests.icount", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--mode", choices=["gateway", "sidecar"], default="gateway")
+    ap.add_argument("--mode", choices=["gateway", "sidecar", "floor"], default="gateway",
+                    help="floor: the featureless Python proxy the bench measures, for reference")
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # the run under valgrind
@@ -161,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    what = f"stax {args.mode}"
+    what = "the Python floor" if args.mode == "floor" else f"stax {args.mode}"
     print(f"{what}: {us:.2f} µs per request in-process (best of 5 x {args.requests:,}; as noisy as the machine)")
     if result["instructions_per_request"] is None:
         print("valgrind is not installed (apt-get install valgrind): no instruction count")
