@@ -16,19 +16,18 @@ venv: $(BIN)/stax
 demo: venv
 	$(BIN)/stax demo
 
-# The integration tests need redis-server, and the soak smoke needs wrk: install what is
-# missing from the OS packages.
+# The integration tests need redis-server; the soak smoke test also uses wrk (skipped, saying
+# so, without it). Install what is missing from the OS packages; only redis-server is a must.
 OS_PKGS := redis-server wrk
 os-packages:
 	@missing=""; for p in $(OS_PKGS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1; then \
-	    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  fi; \
-	  for p in $(OS_PKGS); do command -v $$p >/dev/null 2>&1 || { echo "$$p is missing: install it (Debian/Ubuntu: apt-get install $$p)"; exit 1; }; done; \
-	fi
+	sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1 && { [ -z "$$sudo" ] || command -v sudo >/dev/null 2>&1; }; then \
+	  $$sudo apt-get update -qq || true; \
+	  for p in $$missing; do $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$p >/dev/null || true; done; \
+	fi; \
+	command -v wrk >/dev/null 2>&1 || echo "wrk is missing (apt-get install wrk): the soak smoke test will be skipped"; \
+	command -v redis-server >/dev/null 2>&1 || { echo "redis-server is missing: install it (Debian/Ubuntu: apt-get install redis-server)"; exit 1; }
 
 lint: venv
 	$(BIN)/ruff check .
