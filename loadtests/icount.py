@@ -19,7 +19,6 @@ Tracing with an exporter is measured by the bench (`--targets stax-gateway-otlp,
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
@@ -29,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import uvloop
 
 from .bench.load import TRACEPARENT
 from .common import small_graph
@@ -154,14 +155,6 @@ def callgrind_total(args, requests: int) -> int:
     return int(found.group(1))
 
 
-def run_loop(coro):
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtests.icount", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -173,9 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # the run under valgrind
     args = ap.parse_args(argv)
     if args.inner:
-        run_loop(drive(args.mode, args.requests, timed=False))
+        uvloop.run(drive(args.mode, args.requests, timed=False))
         return 0
-    us = run_loop(drive(args.mode, args.requests, timed=True))
+    us = uvloop.run(drive(args.mode, args.requests, timed=True))
     result = {"mode": args.mode, "requests": args.requests,
               "us_per_request_in_process": us, "instructions_per_request": None}
     if shutil.which("valgrind"):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 
+import aiohttp
 import orjson
 import pytest
 import yaml
@@ -160,3 +163,28 @@ async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0) -> b
         pass
     writer.close()
     return b"".join(chunks)
+
+
+def gateway_process(graph, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, int, int]:
+    """`stax gateway` as a real process on free ports (for signals and exit codes): (process,
+    listen port, admin port). Await wait_ready(admin, process) before using it."""
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "control.cli", "gateway", "--graph", str(graph),
+                             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
+                             "--log-level", "warning", *extra], env=env, stderr=subprocess.PIPE)
+    return proc, port, admin
+
+
+async def wait_ready(port: int, proc) -> None:
+    async with aiohttp.ClientSession() as s:
+        for _ in range(100):
+            if proc.poll() is not None:
+                raise AssertionError(f"stax exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError("stax did not become ready")

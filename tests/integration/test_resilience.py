@@ -7,15 +7,12 @@ import asyncio
 import os
 import signal
 import ssl
-import subprocess
-import sys
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.integration.test_streaming import wait_ready
-from tests.servers import free_port, port_of, serve_app, write_graph
+from tests.servers import free_port, gateway_process, port_of, serve_app, wait_ready, write_graph
 
 pytestmark = pytest.mark.asyncio
 
@@ -291,10 +288,7 @@ async def test_unsampled_requests_make_no_client_spans(tmp_path, proxies, upstre
 async def test_sigterm_drains_in_flight_requests(tmp_path, upstreams):
     (up,) = await upstreams("slow")
     path = write_graph(tmp_path / "g.yaml", graph({"svc": [up.addr]}))
-    port, admin = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "control.cli", "gateway", "--graph", path,
-                             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                             "--drain-timeout", "10", "--log-level", "warning"], stderr=subprocess.PIPE)
+    proc, port, admin = gateway_process(path, "--drain-timeout", "10")
     try:
         await wait_ready(admin, proc)
         async with aiohttp.ClientSession() as s:
@@ -326,12 +320,9 @@ async def test_sigterm_exports_the_spans_still_batched(tmp_path, upstreams):
     (up,) = await upstreams("svc")
     sink, sink_port = await serve_app(make_app())
     path = write_graph(tmp_path / "g.yaml", graph({"svc": [up.addr]}))
-    port, admin = free_port(), free_port()
-    env = dict(os.environ, OTEL_TRACES_EXPORTER="otlp", OTEL_BSP_SCHEDULE_DELAY="600000",
-               OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"http://127.0.0.1:{sink_port}/stax")
-    proc = subprocess.Popen([sys.executable, "-m", "control.cli", "gateway", "--graph", path,
-                             "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                             "--log-level", "warning"], env=env, stderr=subprocess.PIPE)
+    proc, port, admin = gateway_process(path, env=dict(
+        os.environ, OTEL_TRACES_EXPORTER="otlp", OTEL_BSP_SCHEDULE_DELAY="600000",
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"http://127.0.0.1:{sink_port}/stax"))
     try:
         await wait_ready(admin, proc)
         async with aiohttp.ClientSession() as s:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
 import time
 
 import aiohttp
 import pytest
 
-from tests.servers import free_port, port_of, write_graph
+from tests.servers import gateway_process, port_of, wait_ready, write_graph
 
 pytestmark = pytest.mark.asyncio
 MB = 1 << 20
@@ -26,31 +24,12 @@ def rss_kb(pid: int, field: str) -> int:
     raise AssertionError(field)
 
 
-async def wait_ready(port: int, proc) -> None:
-    async with aiohttp.ClientSession() as s:
-        for _ in range(100):
-            if proc.poll() is not None:
-                raise AssertionError(f"stax exited: {proc.stderr.read().decode()[-2000:]}")
-            try:
-                async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise AssertionError("stax did not become ready")
-
-
 @pytest.fixture
 async def stax_gateway(tmp_path, upstreams):
     (up,) = await upstreams("big")
     path = write_graph(tmp_path / "g.yaml", {"baseline": "base", "envs": {
         "base": {"services": {"big": {"endpoints": [up.addr]}}}}})
-    port, admin = free_port(), free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "control.cli", "gateway", "--graph", path, "--listen",
-         f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}", "--log-level", "warning"],
-        stderr=subprocess.PIPE)
+    proc, port, admin = gateway_process(path)
     try:
         await wait_ready(admin, proc)
         yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "up": up}
