@@ -19,7 +19,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "key", "transport", "parser", "exchange", "closed", "idle", "idle_since",
         "lines", "special", "status", "interim", "no_body", "reset_parser", "uses", "head_done",
-        "eof_body", "tunnel",
+        "eof_body", "tunnel", "length",
     )
 
     def __init__(self, pool, key: str) -> None:
@@ -32,7 +32,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle = False
         self.idle_since = 0.0
         self.lines: list[bytes] = [b""]  # [status line, name, b": ", value, b"\r\n", ...]
-        self.special: list = []  # (lowercased name, value) of the INTERPRETED headers
+        self.special: list = []  # (lowercased name, value) of the INTERPRETED headers but these two:
+        self.length: bytes | None = None  # Content-Length (llhttp refuses a second one)
         self.status = 0
         self.interim = False
         self.no_body = False  # the request was HEAD: the response has no body whatever it says
@@ -47,11 +48,12 @@ class UpstreamConnection(asyncio.Protocol):
         return f"<UpstreamConnection {self.key} {state} uses={self.uses}>"
 
     # -- used by the Exchange ----------------------------------------------------------------
-    def begin(self, exchange, data: bytes, *, no_body: bool) -> None:
+    def begin(self, exchange, data: bytes, no_body: bool) -> None:
         """Start a request: `data` is its head (and whatever body is already at hand)."""
         self.exchange = exchange
         self.lines = [b""]
         self.special = []
+        self.length = None
         self.no_body = no_body
         self.head_done = self.eof_body = False
         self.uses += 1
@@ -126,10 +128,12 @@ class UpstreamConnection(asyncio.Protocol):
     # -- httptools callbacks -----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
         lname = name.lower()
-        if lname in INTERPRETED:
-            self.special.append((lname, value))
-        else:
+        if lname not in INTERPRETED:
             self.lines += (name, b": ", value, b"\r\n")  # joined once, with the whole head
+        elif lname == b"content-length":
+            self.length = value
+        elif value != b"keep-alive" or lname != b"connection":  # what nearly every upstream sends
+            self.special.append((lname, value))
 
     def on_headers_complete(self) -> None:
         status = self.status = self.parser.get_status_code()
@@ -137,6 +141,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.interim = True  # 1xx: stax answers `Expect` itself, so skip interim heads
             self.lines = [b""]
             self.special = []
+            self.length = None
             return
         self.head_done = True
         self.exchange.on_response_head(self, status, self.lines, self.special)

@@ -19,7 +19,7 @@ class Route:
     """Where requests in `env` for `service` go, plus their route settings (from env's chain)."""
 
     __slots__ = (
-        "env", "service", "kind", "provider_env", "endpoints", "version", "header",
+        "env", "service", "kind", "provider_env", "endpoints", "version", "header", "line",
         "timeout_s", "idle_timeout_s", "retries", "chain", "picks", "rr", "stats",
     )
 
@@ -30,6 +30,7 @@ class Route:
         self.provider_env, self.endpoints, self.version = provider_env, endpoints, version
         self.chain = chain
         self.header = _header(service, kind, provider_env, version)  # x-stax-route entry
+        self.line = b"x-stax-route: " + self.header + b"\r\n"  # the response's, when alone
         self.timeout_s = settings["timeout_ms"] / 1000
         self.idle_timeout_s = settings["idle_timeout_ms"] / 1000
         self.retries = settings["retries"]
@@ -52,6 +53,7 @@ class Route:
         new.env, new.service, new.kind = self.env, self.service, self.kind
         new.provider_env, new.endpoints, new.version = self.provider_env, self.endpoints, version
         new.chain, new.header = self.chain, _header(self.service, self.kind, self.provider_env, version)
+        new.line = b"x-stax-route: " + new.header + b"\r\n"
         new.timeout_s, new.idle_timeout_s, new.retries = self.timeout_s, self.idle_timeout_s, self.retries
         new.picks, new.rr, new.stats = self.picks, 0, self.stats
         return new

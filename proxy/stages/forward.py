@@ -20,7 +20,7 @@ from resolver.errors import (
 )
 
 from ..deadlines import Deadlines
-from ..errors import status_line
+from ..errors import STATUS_LINES, status_line
 from ..request import IDEMPOTENT, Request
 from .context import context_lines
 
@@ -155,19 +155,16 @@ class Exchange:
             if self.body_done and req.chunked:
                 parts.append(b"0\r\n\r\n")
             data = b"".join(parts)
-        conn.begin(self, data, no_body=req.method == b"HEAD")
+        conn.begin(self, data, req.method == b"HEAD")
         if self.body_done:
-            self._arm_timeout()
+            # timeout_ms runs from the request fully sent to the response head received
+            self.timer_on = True
+            self.fw.deadlines.add(self, self.route.timeout_s)
         else:
             if self.body_streamed:
                 self.body = None  # flushed; too big to keep for a retry
                 self.client.resume_reading("body")
             self._arm_idle()
-
-    def _arm_timeout(self) -> None:
-        # timeout_ms runs from the request fully sent to the response head received
-        self.timer_on = True
-        self.fw.deadlines.add(self, self.route.timeout_s)
 
     def _attempt_failed(self, err: StaxError, conn) -> None:
         if self.timer_on:
@@ -227,13 +224,14 @@ class Exchange:
             if self.req.chunked:
                 self.conn.transport.write(b"0\r\n\r\n")
             if not self.responded and not self.timer_on:
-                self._arm_timeout()
+                self.timer_on = True
+                self.fw.deadlines.add(self, self.route.timeout_s)
 
     # -- response (upstream -> client) -------------------------------------------------------
     def on_response_head(self, conn, status: int, lines: list, special: list) -> None:
         """`lines`: [placeholder, then name, ": ", value, CRLF per forwarded header];
-        `special`: (lowercased name, value) of the headers stax interprets (hop-by-hop,
-        Content-Length, X-Stax-Route)."""
+        `special`: (lowercased name, value) of the other headers stax interprets (hop-by-hop,
+        X-Stax-Route); Content-Length is `conn.length`."""
         if self.timer_on:
             self.timer_on = False
             self.fw.deadlines.waiting.pop(self, None)
@@ -241,19 +239,15 @@ class Exchange:
         self.fw.health.success(self.endpoint)
         req = self.req
         client = self.client
-        lines[0] = status_line(status)
+        lines[0] = STATUS_LINES.get(status) or status_line(status)
         out = lines
         theirs = None
-        length = None
+        length = conn.length
         chunked = False
         upgrade = b""
         extra_hop = None
         for lname, value in special:
-            if lname == b"content-length":
-                length = value
-            elif lname == b"connection":
-                if value == b"keep-alive":  # what nearly every upstream sends: nothing to do
-                    continue
+            if lname == b"connection":
                 tokens = {t.strip().lower() for t in value.split(b",")}
                 if b"close" in tokens:
                     self.resp_close = True
@@ -274,8 +268,10 @@ class Exchange:
             out = kept
         if status == 101:
             out.append(b"connection: upgrade\r\nupgrade: " + upgrade + b"\r\n")
-        route_value = self.route.header if theirs is None else self.route.header + b"," + theirs
-        out.append(b"x-stax-route: " + route_value + b"\r\n")
+        if theirs is None:
+            out.append(self.route.line)
+        else:
+            out.append(b"x-stax-route: " + self.route.header + b"," + theirs + b"\r\n")
         no_body = req.method == b"HEAD" or status in _NO_BODY_STATUS or status == 101
         if no_body:
             if length is not None:
@@ -316,7 +312,8 @@ class Exchange:
             return
         if self.resp_chunked:
             self.client.write(b"0\r\n\r\n")
-        self._cancel_timers()
+        if self.timer_on or self.idle_timer is not None:  # rarely: most bodies end in the head's read
+            self._cancel_timers()
         self.conn = None
         if keep_alive and not self.resp_close and self.body_done:
             self.fw.pool.release(conn)
