@@ -38,7 +38,8 @@ class ClientConnection(asyncio.Protocol):
         self.forwarded = b""
         self.url = b""
         self.headers: list = []
-        self.head_bytes = 0
+        self.head_bytes = 0  # bytes read while the current head was incomplete
+        self.read_len = 0  # length of the read being parsed
         self.in_head = False
         self.exchange = None  # the request being forwarded
         self.current: _Queued | None = None  # a request whose body must be consumed (error path)
@@ -77,6 +78,7 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.client_data(data)
             return
+        self.read_len = len(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -109,8 +111,11 @@ class ClientConnection(asyncio.Protocol):
             self.send_error(None, err, close=True)
             return
         if self.in_head and not self.closed:
-            # llhttp buffers a partial head: bound what a client can make us hold
-            self.head_bytes += len(data)
+            # A partial head: its clock starts now (a head read whole never needs one), and
+            # llhttp buffers it: bound what a client can make us hold.
+            if not self.head_bytes:
+                self.deadline = time.monotonic() + self.header_timeout
+            self.head_bytes += self.read_len
             if self.head_bytes > self.max_head_bytes:
                 self.send_error(None, HeadersTooLarge(
                     f"request head over {self.max_head_bytes} bytes"), close=True)
@@ -203,22 +208,22 @@ class ClientConnection(asyncio.Protocol):
         self.head_bytes = 0
         self.url = b""
         self.headers = []
-        self.deadline = time.monotonic() + self.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self.head_bytes += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name.lower(), name, value))
-        self.head_bytes += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.deadline = 0.0
         if self.closed:
             return
-        if self.head_bytes > self.max_head_bytes:
+        # The head lies within the reads counted so far and this one: only when those exceed
+        # the limit (a large body or pipelined requests in the same read) is it measured.
+        if (self.head_bytes + self.read_len > self.max_head_bytes
+                and len(self.url) + sum(len(n) + len(v) + 4 for _, n, v in self.headers) > self.max_head_bytes):
             self.send_error(None, HeadersTooLarge(
                 f"request head over {self.max_head_bytes} bytes"), close=True)
             return

@@ -179,6 +179,19 @@ async def test_oversized_head_is_431(gw):
     assert out.startswith(b"HTTP/1.1 431") and b"headers_too_large" in out
 
 
+async def test_what_follows_a_head_in_the_same_read_never_counts_as_head(gw):
+    # The head limit (32 KiB) is checked against the reads a head arrived in, then measured
+    # exactly when those are larger: a big body or many pipelined requests are not a big head.
+    body = b"b" * 60000
+    out = await raw_request(gw["port"], b"POST /sink HTTP/1.1\r\nHost: web\r\nConnection: close\r\n"
+                            b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+    assert out.startswith(b"HTTP/1.1 200") and b'"size": 60000' in out
+    one = b"GET /p HTTP/1.1\r\nHost: web\r\nx-pad: " + b"p" * 200 + b"\r\n\r\n"
+    last = b"GET /p HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n"
+    out = await raw_request(gw["port"], one * 200 + last)  # 46 KB in one write
+    assert out.count(b"HTTP/1.1 200") == 201 and b"headers_too_large" not in out
+
+
 async def test_upstream_unavailable_and_timeout(gw, tmp_path):
     import socket
     with socket.socket() as s:
