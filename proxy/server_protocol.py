@@ -47,7 +47,7 @@ class ClientConnection(asyncio.Protocol):
         self.close_after = False
         self.closed = False
         self.paused: set[str] = set()
-        self.deadline = 0.0  # header-read or keep-alive deadline, checked by the sweeper
+        self.deadline = 0.0  # header-read or keep-alive deadline (-1: idle, not yet stamped)
         self.error: StaxError | None = None
         self.tunnel = None  # the Exchange relaying raw bytes after an Upgrade
         self.wbuf: list[bytes] | None = None  # set while an upstream read is being processed
@@ -354,11 +354,14 @@ class ClientConnection(asyncio.Protocol):
                 self.resume_reading("pipeline")
             self._handle(item.req, item.chunks, item.complete)
         else:
-            self.deadline = time.monotonic() + self.keepalive_timeout
+            self.deadline = -1.0  # idle: the sweeper starts the keep-alive clock
 
     def check_deadline(self, now: float) -> None:
-        """Called by the sweeper: header-read timeout (408) and keep-alive idle close."""
-        if self.deadline and now >= self.deadline and not self.closed:
+        """Called by the sweeper every second: header-read timeout (408) and keep-alive idle
+        close (up to a sweep late, never early, and no clock read per request)."""
+        if self.deadline < 0:
+            self.deadline = now + self.keepalive_timeout
+        elif self.deadline and now >= self.deadline and not self.closed:
             if self.in_head:
                 self.send_error(None, RequestTimeout("request head not received in time"), close=True)
             elif self.exchange is None and not self.queue:

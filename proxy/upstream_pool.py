@@ -68,7 +68,7 @@ class UpstreamPool:
             conn.transport.close()
             return
         conn.idle = True
-        conn.idle_since = time.monotonic()
+        conn.idle_since = -1.0  # stamped by the next sweep: no clock read per request
         stack.append(conn)
 
     def discard(self, conn: UpstreamConnection) -> None:
@@ -86,12 +86,19 @@ class UpstreamPool:
             stack.remove(conn)
 
     def sweep(self) -> None:
-        """Close idle connections past the idle timeout (called by the server's 1 s sweeper)."""
-        cutoff = time.monotonic() - self.idle_timeout
+        """Close idle connections past the idle timeout (called by the server's 1 s sweeper;
+        up to a sweep late, never early)."""
+        now = time.monotonic()
+        cutoff = now - self.idle_timeout
         for key, stack in list(self._idle.items()):
             keep = []
             for conn in stack:
-                if conn.idle_since < cutoff or conn.closed:
+                if conn.closed:
+                    conn.transport.close()
+                elif conn.idle_since < 0:  # released since the last sweep
+                    conn.idle_since = now
+                    keep.append(conn)
+                elif conn.idle_since < cutoff:
                     conn.transport.close()
                 else:
                     keep.append(conn)

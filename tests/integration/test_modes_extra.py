@@ -138,3 +138,30 @@ async def test_no_access_log_by_default(tmp_path, upstreams, proxies, caplog):
         out = await raw_request(port_of(rt, "gateway"), b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200")
     assert not [r for r in caplog.records if r.name == "stax.access"]
+
+
+async def test_idle_connections_are_closed_after_their_timeouts(tmp_path, upstreams, proxies):
+    # Idle clocks are stamped by the 1 s sweeper, not per request: a close comes up to a sweep
+    # late, never early.
+    (up,) = await upstreams("up")
+    doc = {"baseline": "b", "envs": {"b": {"services": {"svc": {"endpoints": [up.addr]}}}}}
+    rt = await proxies("gateway", graph=write_graph(tmp_path / "g.yaml", doc),
+                       keepalive_timeout=1.5, pool_idle_timeout=1.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(rt, "gateway"))
+    request = b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n"
+    for _ in range(3):  # used more often than the timeout: kept
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        assert rt.pool.idle_count == 1
+        await asyncio.sleep(0.8)
+    assert rt.pool.idle_count == 1 and len(rt.connections) == 1
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # then closed by the proxy
+    for _ in range(50):
+        if rt.pool.idle_count == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert rt.pool.idle_count == 0 and len(rt.connections) == 0
+    writer.close()
