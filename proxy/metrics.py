@@ -18,6 +18,9 @@ from prometheus_client.core import (
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# status -> index into _CLASSES (outside 100-599 counts as 5xx): one look-up per request.
+# Statuses have three digits (llhttp refuses a longer one; stax's own are 4xx/5xx).
+_CLASS_OF = tuple(min(max(s // 100 - 1, 4 if s < 100 else 0), 4) for s in range(1000))
 
 
 class _Cell:
@@ -56,8 +59,7 @@ class Stats:
                 cell = route.stats = self._cell(route.service, route.kind)
             cell.buckets[bisect_left(BUCKETS, duration_s)] += 1
             cell.total_s += duration_s
-        k = status // 100 - 1
-        cell.codes[k if 0 <= k < 5 else 4] += 1
+        cell.codes[_CLASS_OF[status]] += 1
 
     def error(self, code: str) -> None:
         self.local_errors[code] = self.local_errors.get(code, 0) + 1

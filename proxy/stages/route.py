@@ -67,9 +67,11 @@ def make_gateway_route(cell: SnapshotCell, prefixes: list[tuple[bytes, str]]):
 def _route_by_host(cell: SnapshotCell, req: Request, missing: str) -> None:
     if req.path[:1] != b"/":  # absolute-form: route by its authority, forward origin-form
         _absolute_to_origin(req)
-    service = service_from_host(req.host)
+    service = _SERVICES.get(req.host)  # the memo's hit inline: one call less per request
     if service is None:
-        raise NoRoute(missing)
+        service = service_from_host(req.host)
+        if service is None:
+            raise NoRoute(missing)
     _resolve(cell, req, service)
 
 
