@@ -95,6 +95,17 @@ class EndpointHealth:
         return out
 
 
+class BudgetCell:
+    """One service's retry-budget counts: the current window and the one before. Cached on
+    the Route (like its metrics cell), so counting a request is one integer bump."""
+
+    __slots__ = ("start", "requests", "retries", "prev_requests", "prev_retries")
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.requests = self.retries = self.prev_requests = self.prev_retries = 0
+
+
 class RetryBudget:
     """Retries may add at most `ratio` extra requests per service over a sliding `window`,
     so retries cannot amplify an outage. A floor lets a quiet service retry at all."""
@@ -103,36 +114,32 @@ class RetryBudget:
         self.ratio = ratio
         self.window = window_s
         self.min_retries = min_retries
-        self._cells: dict[str, list] = {}  # service -> [bucket_start, req, retries, prev_req, prev_retries]
+        self._cells: dict[str, BudgetCell] = {}
         self.exhausted_total = 0
 
-    def _cell(self, service: str) -> list:
+    def cell(self, service: str) -> BudgetCell:
         cell = self._cells.get(service)
         if cell is None:
-            cell = self._cells[service] = [time.monotonic(), 0, 0, 0, 0]
+            cell = self._cells[service] = BudgetCell(time.monotonic())
         return cell
 
     def rotate(self, now: float) -> None:
         """Called by the runtime's 1 s sweeper, so counting a request needs no clock read."""
         for cell in self._cells.values():
-            if now - cell[0] >= self.window:
-                fresh = now - cell[0] < 2 * self.window
-                cell[:] = [now, 0, 0, cell[1] if fresh else 0, cell[2] if fresh else 0]
-
-    def note_request(self, service: str) -> None:
-        cell = self._cells.get(service)
-        if cell is None:
-            cell = self._cell(service)
-        cell[1] += 1
+            if now - cell.start >= self.window:
+                fresh = now - cell.start < 2 * self.window
+                cell.prev_requests = cell.requests if fresh else 0
+                cell.prev_retries = cell.retries if fresh else 0
+                cell.start, cell.requests, cell.retries = now, 0, 0
 
     def allow_retry(self, service: str) -> bool:
         now = time.monotonic()
-        cell = self._cell(service)
-        weight = max(0.0, 1 - (now - cell[0]) / self.window)  # fraction of the previous bucket still in the window
-        requests = cell[1] + cell[3] * weight
-        retries = cell[2] + cell[4] * weight
+        cell = self.cell(service)
+        weight = max(0.0, 1 - (now - cell.start) / self.window)  # fraction of the previous bucket still in the window
+        requests = cell.requests + cell.prev_requests * weight
+        retries = cell.retries + cell.prev_retries * weight
         if retries + 1 > max(self.min_retries, requests * self.ratio):
             self.exhausted_total += 1
             return False
-        cell[2] += 1
+        cell.retries += 1
         return True

@@ -20,7 +20,7 @@ class Route:
 
     __slots__ = (
         "env", "service", "kind", "provider_env", "endpoints", "version", "header", "line",
-        "timeout_s", "idle_timeout_s", "retries", "chain", "picks", "rr", "stats",
+        "timeout_s", "idle_timeout_s", "retries", "chain", "picks", "rr", "stats", "budget",
     )
 
     def __init__(self, env: str, service: str, kind: str, provider_env: str | None,
@@ -34,7 +34,7 @@ class Route:
         self.timeout_s = settings["timeout_ms"] / 1000
         self.idle_timeout_s = settings["idle_timeout_ms"] / 1000
         self.retries = settings["retries"]
-        # Weighted round-robin as a flat sequence; the proxy's per-route cursor and metrics
+        # Weighted round-robin as a flat sequence; the proxy's per-route cursor, metrics and budget
         # cell live here too (mutable, but only ever touched by the proxy's one event loop).
         if all(e.weight == 1 for e in endpoints):
             self.picks = endpoints  # shared with the overlay: one object for every env using it
@@ -43,6 +43,7 @@ class Route:
             self.picks = picks if len(picks) <= 10000 else endpoints
         self.rr = 0
         self.stats = None
+        self.budget = None  # the proxy's retry-budget cell for this service
 
     def __repr__(self) -> str:
         return f"<Route {self.header.decode()} env={self.env} endpoints={len(self.endpoints)}>"
@@ -55,7 +56,7 @@ class Route:
         new.chain, new.header = self.chain, _header(self.service, self.kind, self.provider_env, version)
         new.line = b"x-stax-route: " + new.header + b"\r\n"
         new.timeout_s, new.idle_timeout_s, new.retries = self.timeout_s, self.idle_timeout_s, self.retries
-        new.picks, new.rr, new.stats = self.picks, 0, self.stats
+        new.picks, new.rr, new.stats, new.budget = self.picks, 0, self.stats, self.budget
         return new
 
 

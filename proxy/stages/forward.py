@@ -54,7 +54,11 @@ class Forwarder:
             log_access(self.mode, req, status, duration, endpoint)
 
     def start(self, client, req: Request) -> Exchange:
-        self.budget.note_request(req.route.service)
+        route = req.route
+        cell = route.budget
+        if cell is None:
+            cell = route.budget = self.budget.cell(route.service)
+        cell.requests += 1
         ex = Exchange(self, client, req)
         ex.start()
         return ex

@@ -39,6 +39,7 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
         drop = False
         upgrade = None
         conn_upgrade = False
+        forwarded = False  # X-Forwarded-* present: only a trusted peer's are kept
         for name, _, value in headers:
             kind = _KINDS.get(name)  # one dict probe for the many headers stax ignores
             if kind is None:
@@ -48,6 +49,8 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
                 if req.host is not None and value != req.host:
                     raise BadRequest("more than one Host header")
                 req.host = value
+            elif kind == _TRACEPARENT:
+                req.h_traceparent = value
             elif kind == _BAGGAGE:
                 if req.h_baggage is None:
                     req.h_baggage = [value]
@@ -57,8 +60,6 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
                 if req.h_env is not None and value != req.h_env:
                     raise BadRequest("conflicting x-stax-env headers")
                 req.h_env = value
-            elif kind == _TRACEPARENT:
-                req.h_traceparent = value
             elif kind == _HOPS:
                 if req.h_hops is not None and value != req.h_hops:
                     raise BadRequest("conflicting x-stax-hops headers")
@@ -80,8 +81,10 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
                 req.h_cookie = value if req.h_cookie is None else req.h_cookie + b"; " + value
             elif kind == _XFF:
                 req.h_xff = value if req.h_xff is None else req.h_xff + b", " + value
+                forwarded = True
             elif kind == _XFP:
                 req.h_xfp = value
+                forwarded = True
             elif kind == _EXPECT:
                 if value.lower() == b"100-continue":
                     req.expect_continue = True
@@ -95,10 +98,10 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
             req.chunked = True
         elif content_length is not None:
             req.content_length = int(content_length)
-        if drop or (strip_internal and req.peer not in trusted_peers and (req.h_xff or req.h_xfp)):
+        if drop or (forwarded and strip_internal and req.peer not in trusted_peers):
             _strip_untrusted(req, trusted_peers)
         path = req.path
-        if path[:1] == b"/" and _MAY_NEED_NORMALIZING(path) is not None:
+        if _MAY_NEED_NORMALIZING(path) is not None and path[:1] == b"/":
             req.path = normalize_path(path)
 
     return sanitize
