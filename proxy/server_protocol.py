@@ -50,7 +50,9 @@ class ClientConnection(asyncio.Protocol):
         self.deadline = 0.0  # header-read or keep-alive deadline (-1: idle, not yet stamped)
         self.error: StaxError | None = None
         self.tunnel = None  # the Exchange relaying raw bytes after an Upgrade
-        self.wbuf: list[bytes] | None = None  # set while an upstream read is being processed
+        # Set while an upstream read is processed: what it produces for this client, written
+        # once at the end (the Exchange's response callbacks, which only run then, append here).
+        self.wbuf: list[bytes] | None = None
         self.deferred_error: StaxError | None = None
         self.eof = False  # the client half-closed: close once its requests are answered
         cfg = runtime.config  # read on every request: kept at hand
@@ -172,14 +174,6 @@ class ClientConnection(asyncio.Protocol):
                 self.wbuf.append(data)  # coalesced: flushed once when the upstream read ends
             else:
                 self.transport.write(data)
-
-    def write_parts(self, parts: list[bytes]) -> None:
-        """Like write(b"".join(parts)), joined once with the rest of the read when coalescing."""
-        if not self.closed:
-            if self.wbuf is not None:
-                self.wbuf.extend(parts)
-            else:
-                self.transport.write(b"".join(parts))
 
     def flush(self) -> None:
         buf = self.wbuf

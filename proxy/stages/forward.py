@@ -298,18 +298,19 @@ class Exchange:
             out.append(b"connection: close\r\n")
         out.append(b"\r\n")
         self.responded = True
-        client.write_parts(out)
+        client.wbuf.extend(out)  # response callbacks run inside the upstream read: coalesced
         if not no_body:
             # Most bodies complete in the same read as the head: arming the idle timer after
             # the read (UpstreamConnection.data_received) spares a timer per request.
             self.need_idle = True
 
     def on_response_body(self, chunk: bytes) -> None:
+        """Inside the upstream read, like the head: appended to what it writes at its end."""
         self.last_activity = time.monotonic()
         if self.resp_chunked:
-            self.client.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            self.client.wbuf.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
-            self.client.write(chunk)
+            self.client.wbuf.append(chunk)
 
     def on_response_complete(self, conn, keep_alive: bool) -> None:
         if self.done:
