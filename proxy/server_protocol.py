@@ -244,7 +244,8 @@ class ClientConnection(asyncio.Protocol):
         if self.queue:
             self.queue[-1].complete = True
         elif self.exchange is not None:
-            self.exchange.end_body()
+            if not self.exchange.body_done:  # a request without a body was done at its head
+                self.exchange.end_body()
         elif self.current is not None:
             self.current = None  # the errored request's body is consumed: keep-alive is safe
             self._next()
