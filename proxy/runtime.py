@@ -172,6 +172,8 @@ class Runtime:
         for conn in list(self.connections):  # idle keep-alive connections can go now
             if conn.exchange is None and not conn.in_head and not conn.queue:
                 conn.close()
+            else:
+                conn.close_after = True  # its next response says `Connection: close`
         while self.inflight > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         await self.stop()

@@ -25,7 +25,7 @@ from ..request import IDEMPOTENT, Request
 from .context import context_lines
 
 BODY_RETRY_LIMIT = 64 * 1024
-_NO_BODY_STATUS = frozenset({204, 304})
+_NO_BODY_STATUS = frozenset({101, 204, 304})
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 _HOPS_LINES = tuple(b"\r\nx-stax-hops: %d\r\n" % n for n in range(64))  # ends the traceparent line
 
@@ -276,7 +276,7 @@ class Exchange:
             out.append(self.route.line)
         else:
             out.append(b"x-stax-route: " + self.route.header + b"," + theirs + b"\r\n")
-        no_body = req.method == b"HEAD" or status in _NO_BODY_STATUS or status == 101
+        no_body = status in _NO_BODY_STATUS or req.method == b"HEAD"
         if no_body:
             if length is not None:
                 out.append(b"content-length: " + length + b"\r\n")
@@ -293,7 +293,7 @@ class Exchange:
                 client.close_after = True
         if req.upgrade is not None and status != 101:
             client.close_after = True  # the client's parser stopped at the Upgrade head
-        if status != 101 and (client.close_after or not req.keep_alive or client.server.draining):
+        if status != 101 and (client.close_after or not req.keep_alive):  # drain sets close_after
             client.close_after = True
             out.append(b"connection: close\r\n")
         out.append(b"\r\n")
