@@ -24,11 +24,11 @@ class EndpointHealth:
         self.consecutive = consecutive_failures
         self.base = base_ejection_s
         self.max_ratio = max_ejected_ratio
-        self._state: dict[str, _State] = {}
+        self.state: dict[str, _State] = {}  # endpoints that have failed: address -> state
         self._ejected: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"<EndpointHealth tracked={len(self._state)} ejected={len(self._ejected)}>"
+        return f"<EndpointHealth tracked={len(self.state)} ejected={len(self._ejected)}>"
 
     def pick(self, route, tried: list | None):
         picks = route.picks
@@ -52,7 +52,7 @@ class EndpointHealth:
         raise NoHealthyEndpoint(f"every endpoint of {route.service} ({route.kind}:{route.provider_env}) is ejected")
 
     def _readmit(self, address: str, now: float) -> bool:
-        st = self._state[address]
+        st = self.state[address]
         if st.until <= now:
             self._ejected.discard(address)
             st.failures = 0
@@ -60,17 +60,17 @@ class EndpointHealth:
         return False
 
     def success(self, ep) -> None:
-        if self._state:
-            st = self._state.get(ep.address)
-            if st is not None:
-                st.failures = 0
+        """Callers skip this while `state` is empty (no endpoint has ever failed)."""
+        st = self.state.get(ep.address)
+        if st is not None:
+            st.failures = 0
 
     def failure(self, ep, route) -> None:
         if ep is None:
             return
-        st = self._state.get(ep.address)
+        st = self.state.get(ep.address)
         if st is None:
-            st = self._state[ep.address] = _State()
+            st = self.state[ep.address] = _State()
         st.failures += 1
         if st.failures < self.consecutive or ep.address in self._ejected:
             return
@@ -88,7 +88,7 @@ class EndpointHealth:
         now = time.monotonic()
         out: dict[str, int] = {}
         for address in list(self._ejected):
-            st = self._state[address]
+            st = self.state[address]
             if st.until <= now:
                 continue
             out[st.service] = out.get(st.service, 0) + 1

@@ -240,7 +240,8 @@ class Exchange:
             self.timer_on = False
             self.fw.deadlines.waiting.pop(self, None)
         self.status = status
-        self.fw.health.success(self.endpoint)
+        if self.fw.health.state:  # some endpoint has failed: a success resets its count
+            self.fw.health.success(self.endpoint)
         req = self.req
         client = self.client
         lines[0] = STATUS_LINES.get(status) or status_line(status)
@@ -433,7 +434,7 @@ class Exchange:
 
     def _finish(self) -> None:
         self.done = True
-        self._record(self.status)
+        self.fw.record(self.req, self.status, time.monotonic() - self.t0, self.endpoint)  # _record, inline
         if self.fw.tracing is not None:
             self._end_spans(self.status, None)
         self.client.exchange_done(self)
