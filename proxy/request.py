@@ -29,12 +29,12 @@ class Request:
         "span",
     )
 
-    def __init__(self, method: bytes, target: bytes, version: str, headers: list,
+    def __init__(self, method: bytes, target: bytes, version: str | None, headers: list,
                  keep_alive: bool, peer: str, scheme: bytes, started: float) -> None:
         self.method = method
         self.target = target
         self.path = target  # origin-form path+query forwarded upstream (route/sanitize may rewrite)
-        self.version = version
+        self.version = version  # "1.1"; None until needed (ClientConnection.http_version)
         self.headers = headers  # [(lowercased name, original name, value)] as received
         self.keep_alive = keep_alive
         self.peer = peer

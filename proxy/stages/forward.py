@@ -287,7 +287,7 @@ class Exchange:
             out.append(b"content-length: " + length + b"\r\n")
         else:
             conn.eof_body = not chunked
-            if req.version == "1.1":
+            if client.http_version(req) == "1.1":
                 self.resp_chunked = True
                 out.append(b"transfer-encoding: chunked\r\n")
             else:

@@ -81,6 +81,19 @@ async def test_pipelined_requests_are_answered_in_order(edge):
     assert out.index(b'"path":"/1"') < out.index(b'"path":"/2"') < out.index(b'"path":"/3"')
 
 
+async def test_pipelined_requests_keep_their_own_http_version(edge):
+    # A body of unknown length goes back chunked to an HTTP/1.1 client and close-delimited to
+    # an HTTP/1.0 one: each pipelined request must be answered by its own version, though
+    # llhttp has parsed all three heads before the first response arrives.
+    get = b"GET /bytes?n=5&chunked=1 HTTP/1.%d\r\nHost: web\r\n\r\n"
+    out = await raw_request(edge["port"], get % 1 + get % 1 + get % 0)
+    first, second, third = out.split(b"HTTP/1.1 200")[1:]
+    for resp in (first, second):
+        assert b"transfer-encoding: chunked" in resp and resp.endswith(b"5\r\nxxxxx\r\n0\r\n\r\n")
+    assert b"transfer-encoding" not in third and b"connection: close" in third
+    assert third.endswith(b"\r\n\r\nxxxxx")
+
+
 async def test_path_normalized_before_prefix_routing(edge):
     # /web/../api/x must route as /api/x (to api), and the normalized path goes upstream
     out = await raw_request(edge["port"], b"GET /web/../api/x/./y HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
