@@ -32,8 +32,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle = False
         self.idle_since = 0.0
         self.lines: list[bytes] = [b""]  # [status line, name, b": ", value, b"\r\n", ...]
-        self.special: list = []  # (lowercased name, value) of the INTERPRETED headers but these two:
-        self.length: bytes | None = None  # Content-Length (llhttp refuses a second one)
+        # (lowercased name, value) of the INTERPRETED headers, less a plain `Connection:
+        # keep-alive` (it says nothing here) and Content-Length (llhttp refuses a second one):
+        self.special: list = []
+        self.length: bytes | None = None
         self.status = 0
         self.interim = False
         self.no_body = False  # the request was HEAD: the response has no body whatever it says
