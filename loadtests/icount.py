@@ -12,6 +12,7 @@ only the in-process time per request (best of 5), which is as noisy as the machi
     python -m loadtests.icount                    # gateway, 5,000 requests
     python -m loadtests.icount --mode sidecar     # the sidecar's egress listener
     python -m loadtests.icount --mode floor       # the featureless Python floor, for reference
+    python -m loadtests.icount --functions 20     # bytecodes and calls per request, by function
 
 Tracing with an exporter is measured by the bench (`--targets stax-gateway-otlp,...`).
 """
@@ -116,8 +117,8 @@ def stax_pair(mode: str, tmp: Path) -> tuple:
     return client, upstream, client_t, upstream_t
 
 
-async def drive(mode: str, requests: int, timed: bool) -> float | None:
-    tmp = Path(tempfile.mkdtemp(prefix="stax-icount-"))
+def warmed(mode: str, tmp: Path):
+    """One request through the pair of `mode`, as a function, after 2,000 of them."""
     client, upstream, client_t, upstream_t = floor_pair() if mode == "floor" else stax_pair(mode, tmp)
 
     def one() -> None:
@@ -129,6 +130,12 @@ async def drive(mode: str, requests: int, timed: bool) -> float | None:
     if ((b"x-stax-env: baseline" not in upstream_t.last and mode != "floor")
             or not upstream_t.last.startswith(b"GET /small ") or not client_t.last.startswith(b"HTTP/1.1 200")):
         raise SystemExit(f"the driver's request did not go through:\n{upstream_t.last!r}\n{client_t.last!r}")
+    return one
+
+
+async def drive(mode: str, requests: int, timed: bool) -> float | None:
+    tmp = Path(tempfile.mkdtemp(prefix="stax-icount-"))
+    one = warmed(mode, tmp)
     best = None
     if timed:
         for _ in range(5):
@@ -142,6 +149,41 @@ async def drive(mode: str, requests: int, timed: bool) -> float | None:
             one()
     shutil.rmtree(tmp, ignore_errors=True)
     return best
+
+
+async def bytecodes(mode: str, requests: int) -> dict:
+    """Bytecodes executed and Python calls made per request, by function (sys.settrace with
+    opcode events: exact and repeatable, and it needs no valgrind). The driver's own function
+    and the memory transport's methods are counted too, as in the instruction count."""
+    tmp = Path(tempfile.mkdtemp(prefix="stax-icount-"))
+    one = warmed(mode, tmp)
+    ops: dict[str, int] = {}
+    calls: dict[str, int] = {}
+    names: dict = {}  # code object -> "file:qualname"
+
+    def tracer(frame, event, arg):
+        code = frame.f_code
+        name = names.get(code)
+        if name is None:
+            name = names[code] = f"{Path(code.co_filename).name}:{code.co_qualname}"
+        if event == "call":
+            calls[name] = calls.get(name, 0) + 1
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            ops[name] = ops.get(name, 0) + 1
+        return tracer
+
+    sys.settrace(tracer)
+    try:
+        for _ in range(requests):
+            one()
+    finally:
+        sys.settrace(None)
+    shutil.rmtree(tmp, ignore_errors=True)
+    rows = sorted(((n, ops.get(n, 0) / requests, calls[n] / requests) for n in calls), key=lambda r: -r[1])
+    return {"bytecodes_per_request": sum(ops.values()) / requests,
+            "python_calls_per_request": sum(calls.values()) / requests,
+            "functions": [{"function": n, "bytecodes": b, "calls": c} for n, b, c in rows]}
 
 
 def callgrind_total(args, requests: int) -> int:
@@ -163,10 +205,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="floor: the featureless Python proxy the bench measures, for reference")
     ap.add_argument("--requests", type=int, default=5000)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--functions", type=int, metavar="N", default=0,
+                    help="instead: bytecodes and Python calls per request, the top N functions")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # the run under valgrind
     args = ap.parse_args(argv)
     if args.inner:
         uvloop.run(drive(args.mode, args.requests, timed=False))
+        return 0
+    if args.functions:
+        prof = uvloop.run(bytecodes(args.mode, min(args.requests, 1000)))  # traced: ~100x slower
+        prof["functions"] = prof["functions"][:args.functions]
+        if args.json:
+            print(json.dumps({"mode": args.mode, **prof}))
+            return 0
+        print(f"{prof['bytecodes_per_request']:,.0f} bytecodes and {prof['python_calls_per_request']:.0f} "
+              f"Python calls per request ({args.mode})\n bytecodes  calls  function")
+        for row in prof["functions"]:
+            print(f"{row['bytecodes']:10.1f} {row['calls']:6.1f}  {row['function']}")
         return 0
     us = uvloop.run(drive(args.mode, args.requests, timed=True))
     result = {"mode": args.mode, "requests": args.requests,

@@ -111,6 +111,22 @@ def test_icount_drives_the_real_request_path():
         assert result["instructions_per_request"] is None
 
 
+def test_icount_profiles_bytecodes_by_function():
+    """--functions counts the bytecodes and Python calls of a request by function: stax's
+    protocols and stages show up, and the totals match the rows."""
+    proc = subprocess.run([sys.executable, "-m", "loadtests.icount", "--functions", "500", "--requests", "50",
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    prof = json.loads(proc.stdout)
+    rows = {r["function"]: r for r in prof["functions"]}
+    for name in ("server_protocol.py:ClientConnection.on_headers_complete",
+                 "sanitize.py:make_sanitize.<locals>.sanitize", "forward.py:Exchange.on_response_head"):
+        assert rows[name]["calls"] == 1 and rows[name]["bytecodes"] > 10, rows.get(name)
+    assert rows["upstream_protocol.py:UpstreamConnection.on_header"]["calls"] == 5  # the response's headers
+    assert abs(sum(r["bytecodes"] for r in rows.values()) - prof["bytecodes_per_request"]) < 1e-6
+    assert abs(sum(r["calls"] for r in rows.values()) - prof["python_calls_per_request"]) < 1e-6
+
+
 @pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("wrk") is None,
                     reason="the soak needs redis-server and wrk (`make test` installs both)")
 def test_soak_chain_takes_graph_pushes_without_errors(tmp_path):
