@@ -87,7 +87,7 @@ def floor_pair() -> tuple:
     return client, client.upstream, client_t, upstream_t
 
 
-def stax_pair(mode: str, tmp: Path) -> tuple:
+def stax_pair(mode: str) -> tuple:
     """stax's client and upstream protocols, the stages and metrics of `mode`, wired to
     in-memory transports, the upstream connection idle in the pool."""
     from proxy.config import ProxyConfig
@@ -98,12 +98,13 @@ def stax_pair(mode: str, tmp: Path) -> tuple:
     from proxy.upstream_protocol import UpstreamConnection
     from resolver.sources.file import load_file
 
-    graph = tmp / "graph.json"
-    graph.write_text(json.dumps(small_graph(UPSTREAM)))
     extra = {"env": "baseline", "service": "bench", "app": UPSTREAM} if mode == "sidecar" else {}
-    cfg = ProxyConfig(mode=mode, graph=str(graph), **extra)
-    rt = Runtime(cfg)
-    rt.cell.publish(load_file(cfg.graph))
+    with tempfile.TemporaryDirectory(prefix="stax-icount-") as tmp:  # read once, here
+        graph = Path(tmp) / "graph.json"
+        graph.write_text(json.dumps(small_graph(UPSTREAM)))
+        cfg = ProxyConfig(mode=mode, graph=str(graph), **extra)
+        rt = Runtime(cfg)
+        rt.cell.publish(load_file(cfg.graph))
     listeners = build_gateway(rt) if mode == "gateway" else build_sidecar(rt)
     listener = listeners[-1][0]  # the gateway's one, or the sidecar's egress
     client_t, upstream_t = MemoryTransport(), MemoryTransport()
@@ -117,9 +118,9 @@ def stax_pair(mode: str, tmp: Path) -> tuple:
     return client, upstream, client_t, upstream_t
 
 
-def warmed(mode: str, tmp: Path):
+def warmed(mode: str):
     """One request through the pair of `mode`, as a function, after 2,000 of them."""
-    client, upstream, client_t, upstream_t = floor_pair() if mode == "floor" else stax_pair(mode, tmp)
+    client, upstream, client_t, upstream_t = floor_pair() if mode == "floor" else stax_pair(mode)
 
     def one() -> None:
         client.data_received(REQUEST)
@@ -134,8 +135,7 @@ def warmed(mode: str, tmp: Path):
 
 
 async def drive(mode: str, requests: int, timed: bool) -> float | None:
-    tmp = Path(tempfile.mkdtemp(prefix="stax-icount-"))
-    one = warmed(mode, tmp)
+    one = warmed(mode)
     best = None
     if timed:
         for _ in range(5):
@@ -147,7 +147,6 @@ async def drive(mode: str, requests: int, timed: bool) -> float | None:
     else:
         for _ in range(requests):
             one()
-    shutil.rmtree(tmp, ignore_errors=True)
     return best
 
 
@@ -155,8 +154,7 @@ async def bytecodes(mode: str, requests: int) -> dict:
     """Bytecodes executed and Python calls made per request, by function (sys.settrace with
     opcode events: exact and repeatable, and it needs no valgrind). The driver's own function
     and the memory transport's methods are counted too, as in the instruction count."""
-    tmp = Path(tempfile.mkdtemp(prefix="stax-icount-"))
-    one = warmed(mode, tmp)
+    one = warmed(mode)
     ops: dict[str, int] = {}
     calls: dict[str, int] = {}
     names: dict = {}  # code object -> "file:qualname"
@@ -179,7 +177,6 @@ async def bytecodes(mode: str, requests: int) -> dict:
             one()
     finally:
         sys.settrace(None)
-    shutil.rmtree(tmp, ignore_errors=True)
     rows = sorted(((n, ops.get(n, 0) / requests, calls[n] / requests) for n in calls), key=lambda r: -r[1])
     return {"bytecodes_per_request": sum(ops.values()) / requests,
             "python_calls_per_request": sum(calls.values()) / requests,
