@@ -16,9 +16,10 @@ venv: $(BIN)/stax
 demo: venv
 	$(BIN)/stax demo
 
-# The integration tests need redis-server; the soak smoke test also uses wrk (skipped, saying
-# so, without it). Install what is missing from the OS packages; only redis-server is a must.
-OS_PKGS := redis-server wrk
+# The integration tests need redis-server; the soak smoke test also uses wrk, and icount's counts
+# valgrind (each skipped or left out, saying so, without it). Install what is missing from the
+# OS packages; only redis-server is a must.
+OS_PKGS := redis-server wrk valgrind
 os-packages:
 	@missing=""; for p in $(OS_PKGS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
@@ -27,6 +28,7 @@ os-packages:
 	  for p in $$missing; do $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$p >/dev/null || true; done; \
 	fi; \
 	command -v wrk >/dev/null 2>&1 || echo "wrk is missing (apt-get install wrk): the soak smoke test will be skipped"; \
+	command -v valgrind >/dev/null 2>&1 || echo "valgrind is missing (apt-get install valgrind): icount's counts are left out"; \
 	command -v redis-server >/dev/null 2>&1 || { echo "redis-server is missing: install it (Debian/Ubuntu: apt-get install redis-server)"; exit 1; }
 
 lint: venv

@@ -13,6 +13,7 @@ only the in-process time per request (best of 5), which is as noisy as the machi
     python -m loadtests.icount --mode sidecar     # the sidecar's egress listener
     python -m loadtests.icount --mode floor       # the featureless Python floor, for reference
     python -m loadtests.icount --functions 20     # bytecodes and calls per request, by function
+    python -m loadtests.icount --footprint        # L1 data misses per request by L1 size
 
 Tracing with an exporter is measured by the bench (`--targets stax-gateway-otlp,...`).
 """
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import uvloop
@@ -183,15 +185,41 @@ async def bytecodes(mode: str, requests: int) -> dict:
             "functions": [{"function": n, "bytecodes": b, "calls": c} for n, b, c in rows]}
 
 
-def callgrind_total(args, requests: int) -> int:
-    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-           "-m", "loadtests.icount", "--inner", "--requests", str(requests), "--mode", args.mode]
+def _valgrind(args, requests: int, tool: list[str], counter: str) -> int:
+    """Run the driver for `requests` requests under valgrind `tool`; the count `counter` matched."""
+    cmd = ["valgrind", *tool, sys.executable, "-m", "loadtests.icount", "--inner", "--requests",
+           str(requests), "--mode", args.mode]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
                          env={**os.environ, "PYTHONHASHSEED": "0"})  # same hashes, same probes
-    found = re.search(r"Collected : (\d+)", out.stderr)
+    found = re.search(counter, out.stderr)
     if out.returncode != 0 or found is None:
         raise SystemExit(f"valgrind run failed ({out.returncode}):\n{out.stderr[-2000:]}")
-    return int(found.group(1))
+    return int(found.group(1).replace(",", ""))
+
+
+def callgrind_total(args, requests: int) -> int:
+    return _valgrind(args, requests, ["--tool=callgrind", "--callgrind-out-file=/dev/null"],
+                     r"Collected : (\d+)")
+
+
+FOOTPRINT_KIB = (32, 64, 128, 256)
+
+
+def footprint(args) -> dict[int, float]:
+    """L1 data-cache misses per request with a simulated L1 of each size in FOOTPRINT_KIB
+    (cachegrind; N requests minus none, like the instruction count). The request's data
+    footprint is about the size where they fall to nearly none. Under load the kernel's network
+    work evicts L1 and L2 between requests, so what a request touches is fetched again each
+    time: a request touching less costs less than its instruction count says."""
+    def misses(kib: int, requests: int) -> int:
+        tool = ["--tool=cachegrind", "--cache-sim=yes", f"--D1={kib * 1024},8,64",
+                "--LL=33554432,16,64", "--cachegrind-out-file=/dev/null"]
+        return _valgrind(args, requests, tool, r"D1  misses:\s+([\d,]+)")
+
+    runs = [(kib, n) for kib in FOOTPRINT_KIB for n in (0, args.requests)]
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:  # independent valgrind processes
+        counts = dict(zip(runs, pool.map(lambda run: misses(*run), runs), strict=True))
+    return {kib: (counts[kib, args.requests] - counts[kib, 0]) / args.requests for kib in FOOTPRINT_KIB}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--functions", type=int, metavar="N", default=0,
                     help="instead: bytecodes and Python calls per request, the top N functions")
+    ap.add_argument("--footprint", action="store_true",
+                    help="instead: L1 data misses per request at simulated L1 sizes (needs valgrind)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # the run under valgrind
     args = ap.parse_args(argv)
     if args.inner:
@@ -219,6 +249,18 @@ def main(argv: list[str] | None = None) -> int:
               f"Python calls per request ({args.mode})\n bytecodes  calls  function")
         for row in prof["functions"]:
             print(f"{row['bytecodes']:10.1f} {row['calls']:6.1f}  {row['function']}")
+        return 0
+    if args.footprint:
+        if not shutil.which("valgrind"):
+            raise SystemExit("--footprint needs valgrind (apt-get install valgrind)")
+        curve = footprint(args)
+        if args.json:
+            print(json.dumps({"mode": args.mode, "requests": args.requests,
+                              "l1d_misses_per_request": {str(k): v for k, v in curve.items()}}))
+            return 0
+        print(f"L1 data misses per request ({args.mode}, cachegrind, {args.requests:,} requests minus none)")
+        for kib, m in curve.items():
+            print(f"  L1 {kib:4d} KiB: {m:8,.0f}")
         return 0
     us = uvloop.run(drive(args.mode, args.requests, timed=True))
     result = {"mode": args.mode, "requests": args.requests,
