@@ -45,14 +45,14 @@ class Tracing:
         req.trace_id = b"%032x" % sc.trace_id
         req.trace_flags = b"%02x" % int(sc.trace_flags)
         if req.route is not None and span.is_recording():
-            span.set_attributes(_route_attrs(req.route))
+            span.set_attributes(_route_attrs(req.env, req.route))
         return span
 
-    def client_span(self, server_span, route, endpoint, attempt: int):
+    def client_span(self, server_span, env: str, route, endpoint, attempt: int):
         span = self.tracer.start_span(
             f"stax forward {route.service}", context=trace.set_span_in_context(server_span),
             kind=SpanKind.CLIENT,
-            attributes={**_route_attrs(route), "server.address": endpoint.host,
+            attributes={**_route_attrs(env, route), "server.address": endpoint.host,
                         "server.port": endpoint.port, "stax.retry": attempt - 1})
         return span, b"%016x" % span.get_span_context().span_id
 
@@ -67,8 +67,8 @@ class Tracing:
         span.end()
 
 
-def _route_attrs(route) -> dict:
-    return {"stax.env": route.env, "stax.service": route.service, "stax.kind": route.kind,
+def _route_attrs(env: str, route) -> dict:
+    return {"stax.env": env, "stax.service": route.service, "stax.kind": route.kind,
             "stax.provider_env": route.provider_env or ""}
 
 

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from .model import Graph
 
-# Route keys the proxy reads, per service: `<svc>.<key>`; defaults apply when no env sets them.
-ROUTE_DEFAULTS = {"timeout_ms": 15000, "idle_timeout_ms": 60000, "retries": 1}
+
+class RouteSettings(NamedTuple):
+    """Route keys the proxy reads, per service (`<svc>.<key>`), with their defaults: what
+    applies when no env of the chain sets them."""
+
+    timeout_ms: int = 15000
+    idle_timeout_ms: int = 60000
+    retries: int = 1
+
+
+ROUTE_DEFAULTS = RouteSettings()
 
 
 def explain_config(graph: Graph, chain: tuple[str, ...]) -> dict[str, tuple[Any, str]]:
@@ -19,9 +28,17 @@ def explain_config(graph: Graph, chain: tuple[str, ...]) -> dict[str, tuple[Any,
     return dict(sorted(out.items()))
 
 
-def route_settings(effective: dict[str, tuple[Any, str]], service: str) -> dict[str, Any]:
-    """The proxy's per-service route settings with defaults filled in."""
-    return {
-        key: effective.get(f"{service}.{key}", (default, None))[0]
-        for key, default in ROUTE_DEFAULTS.items()
-    }
+def route_settings(graph: Graph, chain: tuple[str, ...], service: str) -> RouteSettings:
+    """`service`'s route settings for the env whose chain is `chain`: each key's nearest
+    setting in the chain (as explain_config finds it), else its default."""
+    values = []
+    for key, default in ROUTE_DEFAULTS._asdict().items():
+        name = f"{service}.{key}"
+        for env in chain:
+            config = graph.envs[env].config
+            if name in config:
+                values.append(config[name])
+                break
+        else:
+            values.append(default)
+    return RouteSettings(*values)

@@ -11,33 +11,36 @@ import time
 from typing import Any
 
 from .errors import NoProvider, UnknownEnv
-from .layered_config import explain_config, route_settings
+from .layered_config import RouteSettings, explain_config, route_settings
 from .model import Endpoint, Graph
 
 
 class Route:
-    """Where requests in `env` for `service` go, plus their route settings (from env's chain)."""
+    """Where requests for `service` go (`kind` at `provider_env`), with the route settings of
+    the requesting env's chain. One object per distinct resolution in a snapshot, shared by
+    every env that resolves that way: 10,000 envs inheriting a service from the baseline hold
+    one Route, not 10,000, so memory grows with the graph's overlays, not with the (env,
+    service) pairs requested. The env asking is the request's (`req.env`), never the route's."""
 
     __slots__ = (
-        "env", "service", "kind", "provider_env", "endpoints", "version", "header", "line",
-        "timeout_s", "idle_timeout_s", "retries", "chain", "picks", "rr", "stats", "budget",
+        "service", "kind", "provider_env", "endpoints", "version", "settings", "header", "line",
+        "timeout_s", "idle_timeout_s", "retries", "picks", "rr", "stats", "budget",
     )
 
-    def __init__(self, env: str, service: str, kind: str, provider_env: str | None,
-                 endpoints: tuple[Endpoint, ...], version: int, settings: dict,
-                 chain: tuple[str, ...]) -> None:
-        self.env, self.service, self.kind = env, service, kind
-        self.provider_env, self.endpoints, self.version = provider_env, endpoints, version
-        self.chain = chain
+    def __init__(self, service: str, kind: str, provider_env: str | None,
+                 endpoints: tuple[Endpoint, ...], version: int, settings: RouteSettings) -> None:
+        self.service, self.kind, self.provider_env = service, kind, provider_env
+        self.endpoints, self.version, self.settings = endpoints, version, settings
         self.header = _header(service, kind, provider_env, version)  # x-stax-route entry
         self.line = b"x-stax-route: " + self.header + b"\r\n"  # the response's, when alone
-        self.timeout_s = settings["timeout_ms"] / 1000
-        self.idle_timeout_s = settings["idle_timeout_ms"] / 1000
-        self.retries = settings["retries"]
-        # Weighted round-robin as a flat sequence; the proxy's per-route cursor, metrics and budget
-        # cell live here too (mutable, but only ever touched by the proxy's one event loop).
+        self.timeout_s = settings.timeout_ms / 1000
+        self.idle_timeout_s = settings.idle_timeout_ms / 1000
+        self.retries = settings.retries
+        # Weighted round-robin as a flat sequence; the proxy's cursor (shared by the envs using
+        # this route: they call the same endpoints), metrics and budget cells live here too
+        # (mutable, but only ever touched by the proxy's one event loop).
         if all(e.weight == 1 for e in endpoints):
-            self.picks = endpoints  # shared with the overlay: one object for every env using it
+            self.picks = endpoints  # shared with the overlay
         else:
             picks = tuple(e for e in endpoints for _ in range(e.weight))
             self.picks = picks if len(picks) <= 10000 else endpoints
@@ -46,18 +49,7 @@ class Route:
         self.budget = None  # the proxy's retry-budget cell for this service
 
     def __repr__(self) -> str:
-        return f"<Route {self.header.decode()} env={self.env} endpoints={len(self.endpoints)}>"
-
-    def rebased(self, version: int) -> Route:
-        """The same route in a later graph version whose change left its env chain alone."""
-        new = Route.__new__(Route)
-        new.env, new.service, new.kind = self.env, self.service, self.kind
-        new.provider_env, new.endpoints, new.version = self.provider_env, self.endpoints, version
-        new.chain, new.header = self.chain, _header(self.service, self.kind, self.provider_env, version)
-        new.line = b"x-stax-route: " + new.header + b"\r\n"
-        new.timeout_s, new.idle_timeout_s, new.retries = self.timeout_s, self.idle_timeout_s, self.retries
-        new.picks, new.rr, new.stats, new.budget = self.picks, 0, self.stats, self.budget
-        return new
+        return f"<Route {self.header.decode()} endpoints={len(self.endpoints)}>"
 
 
 def _header(service: str, kind: str, provider_env: str | None, version: int) -> bytes:
@@ -72,24 +64,27 @@ class Snapshot:
         self.version = graph.version
         self.source = source
         self.created = time.time()
-        self._routes: dict[str, dict[str, Route]] = {}
+        self._routes: dict[str, dict[str, Route]] = {}  # service -> env -> Route: the memo
+        self._shared: dict[tuple, Route] = {}  # (service, kind, provider, settings) -> Route
         self._chains: dict[str, tuple[str, ...]] = {}
         self._config: dict[str, dict[str, tuple[Any, str]]] = {}
-        # After a change to the envs in `changed` only, a route of `previous` whose env chain
-        # holds none of them is still right: it is carried over on first use (only its version
-        # changes), so a one-overlay reload of 10,000 envs does not re-resolve all of them.
-        # Only the memo dicts are kept, never `previous` itself: no chain of old snapshots.
+        # After a change to the envs in `changed` only, an answer of `previous` for an env whose
+        # chain holds none of them is still right: it is carried over on first use (as this
+        # snapshot's Route, with its version), so a one-overlay reload of 10,000 envs does not
+        # re-resolve all of them. Only the memo dicts are kept, never `previous` itself: no
+        # chain of old snapshots.
         self._carry = ((previous._routes, previous._chains, changed)
                        if previous is not None and changed is not None else None)
 
     def __repr__(self) -> str:
         cached = sum(len(r) for r in self._routes.values())
-        return f"<Snapshot v{self.version} envs={len(self.graph.envs)} cached_routes={cached} source={self.source}>"
+        return (f"<Snapshot v{self.version} envs={len(self.graph.envs)} cached_routes={cached} "
+                f"routes={len(self._shared)} source={self.source}>")
 
     # -- the hot path ------------------------------------------------------------------------
     def resolve(self, env: str, service: str) -> Route:
         try:
-            return self._routes[env][service]
+            return self._routes[service][env]
         except KeyError:
             return self._resolve_slow(env, service)
 
@@ -115,27 +110,24 @@ class Snapshot:
         return cfg
 
     def _resolve_slow(self, env: str, service: str) -> Route:
+        graph = self.graph
         if self._carry is not None:
             routes, chains, changed = self._carry
-            old = routes.get(env, {}).get(service)
+            old = routes.get(service, {}).get(env)
             chain = chains.get(env)
             if old is not None and chain is not None and changed.isdisjoint(chain):
                 self._chains[env] = chain
-                route = self._routes.setdefault(env, {})[service] = old.rebased(self.version)
-                return route
+                return self._remember(env, service, old.kind, old.provider_env, old.endpoints,
+                                      old.settings)
         chain = self.chain(env)
-        settings = route_settings(self.config(env), service)
-        graph = self.graph
         if service in graph.shared:
-            route = Route(env, service, "shared", None, graph.shared[service].endpoints,
-                          self.version, settings, ())
+            kind, provider, endpoints = "shared", None, graph.shared[service].endpoints
         else:
             for depth, name in enumerate(chain):
                 overlay = graph.envs[name].services.get(service)
                 if overlay is not None:
                     kind = "local" if depth == 0 else ("baseline" if name == graph.baseline else "ancestor")
-                    route = Route(env, service, kind, name, overlay.endpoints, self.version,
-                                  settings, chain[: depth + 1])
+                    provider, endpoints = name, overlay.endpoints
                     break
             else:
                 if service not in graph.services:
@@ -143,15 +135,26 @@ class Snapshot:
                 raise NoProvider(
                     f"no provider for service {service!r} in env {env!r}: searched {' -> '.join(chain)}"
                 )
-        self._routes.setdefault(env, {})[service] = route
+        return self._remember(env, service, kind, provider, endpoints,
+                              route_settings(graph, chain, service))
+
+    def _remember(self, env: str, service: str, kind: str, provider: str | None,
+                  endpoints: tuple[Endpoint, ...], settings: RouteSettings) -> Route:
+        key = (service, kind, provider, settings)
+        route = self._shared.get(key)
+        if route is None:
+            route = self._shared[key] = Route(service, kind, provider, endpoints, self.version, settings)
+        self._routes.setdefault(service, {})[env] = route
         return route
 
     # -- explanations (CLI, /debug/resolve) --------------------------------------------------
     def explain(self, env: str, service: str) -> dict:
         """The `stax resolve --json` shape. Raises UnknownEnv / NoProvider."""
         route = self.resolve(env, service)
+        chain = self.chain(env)
+        searched = () if route.kind == "shared" else chain[: chain.index(route.provider_env) + 1]
         steps = []
-        for name in route.chain:
+        for name in searched:
             provides = name == route.provider_env
             why = (f"{name} overlays {service}" if provides
                    else f"{name} has no overlay of {service}; look in its parent")

@@ -14,7 +14,7 @@ import orjson
 import yaml
 
 from .errors import GraphInvalid
-from .model import Endpoint, Env, Graph, Overlay
+from .model import EMPTY, Endpoint, Env, Graph, Overlay
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _ENDPOINT_RE = re.compile(
@@ -73,7 +73,9 @@ def parse_endpoint(raw: Any) -> Endpoint:
     port = int(m["port"])
     if not 0 < port < 65536:
         raise ValueError(f"endpoint {raw!r} has port out of range")
-    return Endpoint(m["scheme"] or "http", m["host"].lower(), port, weight, MappingProxyType(attrs))
+    # no attrs (the usual case): the one shared empty mapping, not a dict and a proxy each
+    return Endpoint(m["scheme"] or "http", m["host"].lower(), port, weight,
+                    MappingProxyType(attrs) if attrs else EMPTY)
 
 
 def _overlay(where: str, service: Any, raw: Any, problems: list[str]) -> Overlay | None:

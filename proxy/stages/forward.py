@@ -128,7 +128,8 @@ class Exchange:
         if self.cspan is not None:
             self.fw.tracing.end(self.cspan, 502, "attempt failed; retrying")
         old = self.req.span_id
-        self.cspan, span_id = self.fw.tracing.client_span(self.req.span, self.route, ep, self.attempt)
+        self.cspan, span_id = self.fw.tracing.client_span(self.req.span, self.req.env, self.route, ep,
+                                                             self.attempt)
         self.head = self.head.replace(b"-" + old + b"-", b"-" + span_id + b"-", 1)
         self.req.span_id = span_id
 

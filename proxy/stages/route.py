@@ -104,7 +104,8 @@ def make_ingress_route(cell: SnapshotCell, *, env: str, service: str, app: Endpo
     """Ingress forwards to the local app; the route entry says how this hop relates to the
     request's env. A request for an env whose chain does not include this sidecar's env is
     refused (421): serving it here would leak it out of its overlay scope."""
-    memo: dict = {}
+    memo: dict = {}  # env -> Route, for the snapshot memo["v"]
+    routes: dict = {}  # (kind, provider, settings) -> Route: one per distinct answer, as in Snapshot
 
     def route(req: Request) -> None:
         snap = cell.current
@@ -113,6 +114,7 @@ def make_ingress_route(cell: SnapshotCell, *, env: str, service: str, app: Endpo
         req.service = service
         if memo.get("v") is not snap:
             memo.clear()
+            routes.clear()
             memo["v"] = snap
         found = memo.get(req.env)
         if found is None:
@@ -128,9 +130,12 @@ def make_ingress_route(cell: SnapshotCell, *, env: str, service: str, app: Endpo
                     f"{req.env!r} ({' -> '.join(chain)})")
             else:
                 kind, provider = ("baseline" if env == graph.baseline else "ancestor"), env
-            settings = route_settings(snap.config(req.env), service)
-            found = memo[req.env] = Route(req.env, service, kind, provider, (app,), snap.version,
-                                          settings, chain[: chain.index(env) + 1] if env in chain else ())
+            settings = route_settings(graph, chain, service)
+            found = routes.get((kind, provider, settings))
+            if found is None:
+                found = routes[kind, provider, settings] = Route(service, kind, provider, (app,),
+                                                                 snap.version, settings)
+            memo[req.env] = found
         req.route = found
 
     return route

@@ -110,6 +110,12 @@ def test_resolutions_carried_over_equal_fresh_ones(ops):
     delta = diff_docs(old_doc, new_doc)
     new = build_snapshot(new_doc, version=2, source="t", reuse=old, changed=changed_envs([delta]))
     assert answers(new) == answers(build_snapshot(new_doc, version=2, source="t"))
+    # carried or fresh, an answer is this snapshot's one Route for it
+    seen: dict = {}
+    for env in new.graph.envs:
+        for svc in new.graph.services:
+            r = new.resolve(env, svc)
+            assert r.version == 2 and seen.setdefault((svc, r.kind, r.provider_env, r.settings), r) is r
 
 
 def test_deleting_a_parent_still_referenced_is_rejected():

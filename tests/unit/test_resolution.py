@@ -62,9 +62,33 @@ def test_deep_chain_and_memo():
     envs["e150"]["services"] = {"s": {"endpoints": ["h:150"]}}
     s = snap({"baseline": "e0", "envs": envs})
     r = s.resolve("e199", "s")
-    assert (r.kind, r.provider_env, len(r.chain)) == ("ancestor", "e150", 50)
+    assert (r.kind, r.provider_env, len(s.explain("e199", "s")["chain"])) == ("ancestor", "e150", 50)
     assert s.resolve("e199", "s") is r  # memoized: the steady state is a dict look-up
     assert s.resolve("e100", "s").kind == "baseline"
+    assert s.resolve("e160", "s") is r  # the same answer: the same Route
+
+
+def test_envs_that_resolve_alike_share_one_route():
+    """One Route per distinct answer (kind, provider, settings), whatever the number of envs
+    asking: memory grows with the overlays, not with the (env, service) pairs requested."""
+    envs = {"base": {"services": {"web": {"endpoints": ["h:1"]}}}}
+    for t in range(10):
+        envs[f"team-{t}"] = {"parent": "base"}
+        if t % 2:
+            envs[f"team-{t}"]["services"] = {"web": {"endpoints": [f"t{t}:1"]}}
+        for f in range(100):
+            envs[f"feat-{t}-{f}"] = {"parent": f"team-{t}"}
+    envs["feat-3-7"]["config"] = {"web.timeout_ms": 1234}  # own settings: its own Route
+    s = snap({"baseline": "base", "envs": envs})
+    routes = {e: s.resolve(e, "web") for e in envs}
+    # base + (5 teams inheriting: baseline) + 5 local + 5 ancestor + one with its own timeout
+    assert len({id(r) for r in routes.values()}) == 13
+    assert routes["feat-0-1"] is routes["feat-2-99"] is routes["team-0"]  # baseline:base
+    assert routes["feat-1-0"] is routes["feat-1-99"] is not routes["team-1"]  # ancestor vs local
+    assert (routes["feat-1-0"].kind, routes["team-1"].kind) == ("ancestor", "local")
+    assert routes["feat-3-7"].timeout_s == 1.234 and routes["feat-3-6"].timeout_s == 15.0
+    assert s.explain("feat-1-5", "web")["chain"][-1] == {
+        "env": "team-1", "provides": True, "why": "team-1 overlays web"}
 
 
 def test_explain_shape():
