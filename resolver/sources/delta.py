@@ -14,6 +14,7 @@ Shape (empty parts are left out; `{}` means "no change"):
 
 from __future__ import annotations
 
+from hashlib import blake2b
 from typing import Any
 
 import orjson
@@ -24,22 +25,40 @@ ENTRY_KEYS = ("envs", "shared")
 
 def diff_docs(old: dict, new: dict) -> dict:
     """The delta that turns `old` into `new`. Neither argument is modified."""
+    return diff_summary(summarize(old), new)[0]
+
+
+def summarize(doc: dict) -> dict:
+    """What a diff needs of a document: each value's fingerprint, entry by entry for the
+    ENTRY_KEYS mappings: ~1 MB at 10,000 envs, against ~15 MB for the decoded document (the
+    file decoder helper keeps this between changes)."""
+    return diff_summary({}, doc)[1]
+
+
+def diff_summary(old: dict, new: dict) -> tuple[dict, dict]:
+    """(the delta that turns the document `old` summarizes into `new`, new's summary)."""
     delta: dict[str, Any] = {}
     top_set: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
     for key, value in new.items():
         before = old.get(key, _MISSING)
-        if key in ENTRY_KEYS and isinstance(before, dict) and isinstance(value, dict):
-            part = _diff_entries(before, value)
-            if part:
-                delta[key] = part
-        elif before is _MISSING or not _same(before, value):
+        if key in ENTRY_KEYS and isinstance(value, dict):
+            prints = summary[key] = {name: _fingerprint(entry) for name, entry in value.items()}
+            if isinstance(before, dict):  # entries on both sides: diff them one by one
+                part = _diff_entries(before, prints, value)
+                if part:
+                    delta[key] = part
+                continue
+        else:
+            prints = summary[key] = (_fingerprint(value),)  # a tuple: never an entry mapping
+        if before != prints:
             top_set[key] = value
     top_del = [key for key in old if key not in new]
     if top_set:
         delta["set"] = top_set
     if top_del:
         delta["del"] = top_del
-    return delta
+    return delta, summary
 
 
 def apply_delta(doc: dict, delta: dict) -> dict:
@@ -75,14 +94,29 @@ class _Missing:
 _MISSING: Any = _Missing()
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equality that also tells 1 from 1.0 from True (Python's == does not; JSON does).
-    Compared as JSON bytes (C speed: a 10,000-env diff in ~12 ms instead of ~50); a mapping
-    whose keys only moved counts as changed, which costs a delta entry, never correctness."""
+def _fingerprint(value: Any) -> Any:
+    """Equal for equal values, and it also tells 1 from 1.0 from True (Python's == does not;
+    JSON does): a 128-bit BLAKE2 digest of the value's JSON bytes (C speed; a 10,000-env diff
+    takes ~12 ms; a digest, not the bytes, because orjson's output buffers are ~4 KB each), or
+    for a value that is not JSON (a YAML-only type) the value itself, compared structurally.
+    A mapping whose keys only moved counts as changed, which costs a delta entry, never
+    correctness."""
     try:
-        return orjson.dumps(a) == orjson.dumps(b)
-    except TypeError:  # not JSON (a YAML-only type): compare structurally
-        return _same_structure(a, b)
+        return blake2b(orjson.dumps(value), digest_size=16).digest()
+    except TypeError:
+        return _Structural(value)
+
+
+class _Structural:
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Structural) and _same_structure(self.value, other.value)
+
+    __hash__ = None
 
 
 def _same_structure(a: Any, b: Any) -> bool:
@@ -95,10 +129,9 @@ def _same_structure(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _diff_entries(old: dict, new: dict) -> dict:
-    changed = {
-        name: value for name, value in new.items() if name not in old or not _same(old[name], value)
-    }
+def _diff_entries(old: dict, prints: dict, new: dict) -> dict:
+    """`old` and `prints`: fingerprints by name of the two sides; `new`: the new entries."""
+    changed = {name: new[name] for name, fp in prints.items() if old.get(name, _MISSING) != fp}
     removed = [name for name in old if name not in new]
     part: dict[str, Any] = {}
     if changed:

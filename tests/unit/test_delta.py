@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from resolver.sources.delta import apply_delta, diff_docs
+from resolver.sources.delta import apply_delta, diff_docs, diff_summary, summarize
 from resolver.validate import load_document, parse_graph
 
 GRAPH = "tests/data/graph.yaml"
@@ -104,6 +104,29 @@ def test_roundtrip_arbitrary_documents(old, new):
 def test_no_change_is_empty_delta(doc):
     assert diff_docs(doc, copy.deepcopy(doc)) == {}
     assert strict(apply_delta(doc, {})) == strict(doc)
+
+
+@settings(max_examples=120, deadline=None)
+@given(graph_docs, st.data())
+def test_a_chain_of_changes_diffed_against_summaries(old, data):
+    """The file decoder helper keeps only a summary of the last document: diffing the next one
+    against it gives the delta diff_docs gives, and the summary to diff the one after."""
+    mid = mutate(old, data)
+    new = mutate(mid, data)
+    delta, summary = diff_summary(summarize(old), mid)
+    assert summary == summarize(mid)
+    assert strict(apply_delta(old, delta)) == strict(mid)
+    delta, _ = diff_summary(summary, new)
+    assert strict(apply_delta(mid, delta)) == strict(new)
+
+
+def test_a_summary_holds_digests_not_the_document():
+    doc = {"baseline": "b", "envs": {f"e{i}": {"parent": "b", "services": {"web": {
+        "endpoints": [f"10.0.{i // 256}.{i % 256}:8080"] * 8}}} for i in range(50)}}
+    doc["envs"]["b"] = {"services": {}}
+    summary = summarize(doc)
+    assert set(summary) == {"baseline", "envs"} and set(summary["envs"]) == set(doc["envs"])
+    assert all(isinstance(d, bytes) and len(d) == 16 for d in summary["envs"].values())
 
 
 # -- examples --------------------------------------------------------------------------
