@@ -228,6 +228,9 @@ def scale_table(scale: dict) -> str:
                f"{scale['throughput_ratio_10k_vs_3']:.2f}, CPU per request {scale['cpu_ratio_10k_vs_3']:.2f}")
     out.append(f"p99 while reloading ÷ steady: {scale['p99_ratio_reloading_vs_steady']:.2f} "
                f"({applied} reloads applied of {writes} file rewrites)")
+    if scale.get("processes_10k"):
+        out.append("10k-env gateway's processes at the end, RSS (peak): " + ", ".join(
+            f"{p['role']} {p['rss_mb']:.0f} MB ({p['peak_mb']:.0f})" for p in scale["processes_10k"]))
     return "\n".join(out)
 
 

@@ -63,6 +63,25 @@ class Rewriter(threading.Thread):
             _write(self.path, self.doc)
 
 
+def process_memory(pids: list[int]) -> list[dict]:
+    """Each process of a gateway (the proxy, its graph-file helper, multiprocessing's resource
+    tracker) with its RSS now and its peak, in MB: the bench's RSS column is their sum."""
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{pid}/status") as f:
+                status = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        role = ("resource tracker" if b"resource_tracker" in cmd
+                else "graph-file helper" if b"spawn_main" in cmd else "proxy")
+        out.append({"role": role, "pid": pid, "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
+                    "peak_mb": int(status["VmHWM"].split()[0]) / 1024})
+    return out
+
+
 def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
@@ -131,6 +150,7 @@ def run_scale(tmp: Path, upstream: int, *, rounds: int, duration: int, connectio
         results, reloads = _measure(tmp, small_gw, big_gw, big, big_path, rounds=rounds,
                                     duration=duration, connections=connections,
                                     python_load=python_load, log=log)
+        processes = process_memory(big_gw.pids())
     summary = {name: summarize(rows) for name, rows in results.items()}
     small, steady, reload = summary["3-env"], summary["10k-env"], summary["10k-env reloading"]
     same_traffic = summary["10k-env, 3 envs"]
@@ -138,7 +158,7 @@ def run_scale(tmp: Path, upstream: int, *, rounds: int, duration: int, connectio
         "graph": {"envs": len(big["envs"]), "services": services,
                   "bytes": big_path.stat().st_size},
         "connections": connections, "duration_s": duration,
-        "runs": results, "summary": summary, "reloads": reloads,
+        "runs": results, "summary": summary, "reloads": reloads, "processes_10k": processes,
         "throughput_ratio_10k_vs_3": steady["rps"] / small["rps"],
         "throughput_ratio_10k_vs_3_same_traffic": same_traffic["rps"] / small["rps"],
         "cpu_ratio_10k_vs_3": steady["cpu_us_per_req"] / small["cpu_us_per_req"],

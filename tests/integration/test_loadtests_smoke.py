@@ -65,6 +65,9 @@ def test_bench_graph_scale_runs_every_traffic_shape(tmp_path):
     for row in scale["summary"].values():
         assert row["errors"] == 0 and row["rps"] > 0 and row["cpu_us_per_req"] > 0
     assert scale["throughput_ratio_10k_vs_3_same_traffic"] > 0 and scale["cpu_ratio_10k_vs_3"] > 0
+    # a 300-env file is under the helper's 256 KiB: the proxy alone, its memory measured
+    (proc,) = scale["processes_10k"]
+    assert proc["role"] == "proxy" and 0 < proc["rss_mb"] <= proc["peak_mb"], proc
 
 
 def test_scale_traffic_mix_matches_the_small_graph(tmp_path):
