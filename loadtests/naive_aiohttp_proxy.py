@@ -11,6 +11,7 @@ import argparse
 import asyncio
 
 import aiohttp
+import uvloop
 from aiohttp import web
 
 HOP_BY_HOP = {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
@@ -66,8 +67,6 @@ def main() -> None:
     ap.add_argument("--upstream", required=True, help="host:port")
     args = ap.parse_args()
     try:
-        import uvloop
-
         uvloop.run(serve(args.listen, args.upstream))
     except KeyboardInterrupt:
         pass

@@ -13,6 +13,7 @@ import json
 import time
 
 import httptools
+import uvloop
 
 from .load import MARK, LoadSpec
 
@@ -89,8 +90,6 @@ def main() -> None:
     args = ap.parse_args()
     with open(args.spec) as f:
         spec = LoadSpec(**json.load(f))
-    import uvloop
-
     print(MARK + json.dumps(uvloop.run(run(spec, args.c, args.d))), flush=True)
 
 

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 
 import httptools
+import uvloop
 
 BODIES = {b"/small": b"hello, stax\n", b"/16k": b"x" * 16384, b"/1m": b"y" * (1 << 20)}
 ECHO = {b"x-stax-env": b"x-seen-env", b"x-stax-hops": b"x-seen-hops",
@@ -71,12 +72,7 @@ def main() -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     args = ap.parse_args()
-    try:
-        import uvloop
-
-        uvloop.run(serve(args.host, args.port))
-    except ImportError:  # pragma: no cover
-        asyncio.run(serve(args.host, args.port))
+    uvloop.run(serve(args.host, args.port))
 
 
 if __name__ == "__main__":
