@@ -60,10 +60,11 @@ def decode_change(path: str, base: bytes) -> tuple:
     previous = _last
     _last = None  # a rejected file must not become the base of the next delta
     doc = load_document(data)
-    delta, summary = diff_summary(previous[1] if previous is not None else {}, doc)
-    _last = (digest, summary)
     if previous is None or previous[0] != base:
+        _last = (digest, summarize(doc))
         return ("full", digest)
+    delta, summary = diff_summary(previous[1], doc)
+    _last = (digest, summary)
     return ("delta", digest, delta)
 
 
