@@ -104,18 +104,20 @@ def make_ingress_route(cell: SnapshotCell, *, env: str, service: str, app: Endpo
     """Ingress forwards to the local app; the route entry says how this hop relates to the
     request's env. A request for an env whose chain does not include this sidecar's env is
     refused (421): serving it here would leak it out of its overlay scope."""
-    memo: dict = {}  # env -> Route, for the snapshot memo["v"]
+    memo: dict = {}  # env -> Route, for the snapshot `memo_of`
     routes: dict = {}  # (kind, provider, settings) -> Route: one per distinct answer, as in Snapshot
+    memo_of = None
 
     def route(req: Request) -> None:
+        nonlocal memo_of
         snap = cell.current
         if snap is None:
             raise NoGraph("no graph loaded yet")
         req.service = service
-        if memo.get("v") is not snap:
+        if memo_of is not snap:  # kept apart from the env keys: any word is a valid env name
             memo.clear()
             routes.clear()
-            memo["v"] = snap
+            memo_of = snap
         found = memo.get(req.env)
         if found is None:
             chain = snap.chain(req.env)  # raises UnknownEnv

@@ -112,3 +112,19 @@ async def test_ingress_refuses_env_outside_its_chain(chain, tmp_path):
         assert r.status == 421
         assert r.headers["x-stax-error"] == "misdirected"
         assert orjson.loads(await r.read())["message"]
+
+
+async def test_ingress_serves_an_env_named_like_any_word(tmp_path, upstreams, proxies):
+    """An env may be called `v` (any valid name): the ingress route's memo must not mistake it
+    for its own bookkeeping."""
+    (app,) = await upstreams("web-app")
+    path = write_graph(tmp_path / "graph.yaml", {"baseline": "base", "envs": {
+        "base": {"services": {"web": {"endpoints": ["127.0.0.1:1"]}}},
+        "v": {"parent": "base", "services": {"web": {"endpoints": ["127.0.0.1:2"]}}}}})
+    rt = await proxies("sidecar", graph=path, env="v", service="web", app=app.addr)
+    port = port_of(rt, "ingress")
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):  # the first answer and the memoized one
+            async with session.get(f"http://127.0.0.1:{port}/", headers={"x-stax-env": "v"}) as r:
+                assert r.status == 200, await r.text()
+                assert r.headers["x-stax-route"] == "web=local:v@v1"
