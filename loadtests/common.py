@@ -142,15 +142,22 @@ def core_busy_seconds(core: int) -> float:
     return 0.0
 
 
+def memory_kb(pid: int) -> dict[str, int]:
+    """A process's VmRSS and VmHWM (its peak), in kB, from /proc/PID/status. Raises OSError
+    when it is gone."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line[:5]] = int(line.split()[1])
+    return out
+
+
 def rss_bytes(pids: list[int]) -> int:
     total = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-                        break
+            total += memory_kb(pid).get("VmRSS", 0) * 1024
         except OSError:
             continue
     return total

@@ -32,7 +32,7 @@ def route_settings(graph: Graph, chain: tuple[str, ...], service: str) -> RouteS
     """`service`'s route settings for the env whose chain is `chain`: each key's nearest
     setting in the chain (as explain_config finds it), else its default."""
     values = []
-    for key, default in ROUTE_DEFAULTS._asdict().items():
+    for key, default in zip(RouteSettings._fields, ROUTE_DEFAULTS, strict=True):
         name = f"{service}.{key}"
         for env in chain:
             config = graph.envs[env].config

@@ -67,7 +67,6 @@ class Snapshot:
         self._routes: dict[str, dict[str, Route]] = {}  # service -> env -> Route: the memo
         self._shared: dict[tuple, Route] = {}  # (service, kind, provider, settings) -> Route
         self._chains: dict[str, tuple[str, ...]] = {}
-        self._config: dict[str, dict[str, tuple[Any, str]]] = {}
         # After a change to the envs in `changed` only, an answer of `previous` for an env whose
         # chain holds none of them is still right: it is carried over on first use (as this
         # snapshot's Route, with its version), so a one-overlay reload of 10,000 envs does not
@@ -104,10 +103,8 @@ class Snapshot:
         return chain
 
     def config(self, env: str) -> dict[str, tuple[Any, str]]:
-        cfg = self._config.get(env)
-        if cfg is None:
-            cfg = self._config[env] = explain_config(self.graph, self.chain(env))
-        return cfg
+        """Every config key in env's chain with its value and the env setting it (CLI)."""
+        return explain_config(self.graph, self.chain(env))
 
     def _resolve_slow(self, env: str, service: str) -> Route:
         graph = self.graph

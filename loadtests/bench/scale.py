@@ -17,7 +17,7 @@ from pathlib import Path
 
 import orjson
 
-from ..common import SMALL_ENVS, big_graph, env_names, small_graph
+from ..common import SMALL_ENVS, big_graph, env_names, memory_kb, small_graph
 from .load import LoadSpec, run_load
 from .targets import Target, start_stax_gateway
 
@@ -71,14 +71,12 @@ def process_memory(pids: list[int]) -> list[dict]:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read()
-            with open(f"/proc/{pid}/status") as f:
-                status = dict(line.split(":", 1) for line in f if ":" in line)
+            kb = memory_kb(pid)
         except OSError:
             continue
         role = ("resource tracker" if b"resource_tracker" in cmd
                 else "graph-file helper" if b"spawn_main" in cmd else "proxy")
-        out.append({"role": role, "pid": pid, "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
-                    "peak_mb": int(status["VmHWM"].split()[0]) / 1024})
+        out.append({"role": role, "pid": pid, "rss_mb": kb["VmRSS"] / 1024, "peak_mb": kb["VmHWM"] / 1024})
     return out
 
 

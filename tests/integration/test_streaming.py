@@ -10,18 +10,11 @@ import time
 import aiohttp
 import pytest
 
+from loadtests.common import memory_kb
 from tests.servers import gateway_process, port_of, wait_ready, write_graph
 
 pytestmark = pytest.mark.asyncio
 MB = 1 << 20
-
-
-def rss_kb(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise AssertionError(field)
 
 
 @pytest.fixture
@@ -40,7 +33,7 @@ async def stax_gateway(tmp_path, upstreams):
 
 async def test_200mb_each_way_with_slow_reader_bounded_memory(stax_gateway):
     pid = stax_gateway["proc"].pid
-    base = rss_kb(pid, "VmRSS")
+    base = memory_kb(pid)["VmRSS"]
     total = 200 * MB
 
     async def body():
@@ -63,7 +56,7 @@ async def test_200mb_each_way_with_slow_reader_bounded_memory(stax_gateway):
                 if time.monotonic() - t0 < 1.0:
                     await asyncio.sleep(0.01)  # a slow reader for the first second
         assert got == total
-    peak = rss_kb(pid, "VmHWM")
+    peak = memory_kb(pid)["VmHWM"]
     assert (peak - base) < 50 * 1024, f"peak RSS grew {(peak - base) / 1024:.1f} MB"
 
 
