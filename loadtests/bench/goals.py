@@ -8,6 +8,7 @@ A goal whose cells were not measured (a `--quick` or `--targets` run) is left ou
 from __future__ import annotations
 
 STAX = ("stax-gateway", "stax-sidecar")
+FLOOR = "python-floor"  # the featureless asyncio + httptools proxy: what Python itself costs
 
 
 def _cells(summary: list[dict], body: str, conns: int | None, key: str) -> dict[str, float]:
@@ -17,20 +18,34 @@ def _cells(summary: list[dict], body: str, conns: int | None, key: str) -> dict[
             and (conns is None or s["connections"] == conns) and s.get(key) is not None}
 
 
+def _floor(summary: list[dict], key: str) -> float | None:
+    return next((s[key] for s in summary if s["target"] == FLOOR and s["body"] == "small"
+                 and s["connections"] == 64 and s.get(key) is not None), None)
+
+
+def headroom(bound: float, floor: float, values: dict[str, float]) -> dict:
+    """A req/s goal against the featureless floor: the share of the floor's req/s that the goal
+    lets features cost (negative: even the floor misses it), and what each stax mode costs."""
+    return {"floor": floor, "allowed": 1 - bound / floor,
+            "spent": {t: 1 - v / floor for t, v in values.items()}}
+
+
 def evaluate(summary: list[dict], scale: dict | None) -> list[dict]:
-    """[{goal, values: {what: value}, bound, at_least, met}] for what this run measured."""
+    """[{goal, values: {what: value}, bound, at_least, met[, headroom]}] for what this run
+    measured; a req/s goal gets its `headroom` when the python floor was measured too."""
     goals = []
 
-    def add(goal: str, values: dict, bound: float, at_least: bool) -> None:
+    def add(goal: str, values: dict, bound: float, at_least: bool, floor: float | None = None) -> None:
         if values:
             met = all((v >= bound) if at_least else (v <= bound) for v in values.values())
             goals.append({"goal": goal, "values": values, "bound": bound, "at_least": at_least,
                           "met": met})
+            if floor:
+                goals[-1]["headroom"] = headroom(bound, floor, values)
 
-    add("req/s ÷ Envoy, small body, 64 connections", _cells(summary, "small", 64, "rps_vs_envoy"),
-        2.0, True)
-    add("req/s ÷ nginx, small body, 64 connections", _cells(summary, "small", 64, "rps_vs_nginx"),
-        0.6, True)
+    for ref, key, bound in (("Envoy", "rps_vs_envoy", 2.0), ("nginx", "rps_vs_nginx", 0.6)):
+        add(f"req/s ÷ {ref}, small body, 64 connections", _cells(summary, "small", 64, key),
+            bound, True, _floor(summary, key))
     add("p99 ÷ nginx's, small body, 8 connections", _cells(summary, "small", 8, "p99_vs_nginx"),
         2.0, False)
     add("req/s ÷ nginx, 1 MiB bodies", _cells(summary, "1m", None, "rps_vs_nginx"), 0.7, True)
@@ -52,4 +67,9 @@ def table(goals: list[dict]) -> str:
         values = ", ".join(f"{k} {v:.2f}" for k, v in g["values"].items())
         bound = f"{'≥' if g['at_least'] else '≤'} {g['bound']:g}"
         out.append(f"  {'met    ' if g['met'] else 'NOT met'}  {g['goal']} {bound}: {values}")
+        h = g.get("headroom")
+        if h:
+            spent = ", ".join(f"{k} {v:.0%}" for k, v in h["spent"].items())
+            out.append(f"           {FLOOR} (no features) {h['floor']:.2f}: the goal lets features cost "
+                       f"{h['allowed']:.0%} of its req/s; they cost {spent}")
     return "\n".join(out)

@@ -38,3 +38,25 @@ def test_a_run_without_references_makes_no_ratio_verdicts():
     summary = [row("stax-gateway", "small", 8), row("python-floor", "small", 8)]
     assert [g["goal"] for g in goals.evaluate(summary, None)] == [
         "peak RSS MB under load, 3-env bench graph"]
+
+
+def test_req_s_goals_say_how_much_of_the_python_floor_features_may_cost():
+    summary = [
+        row("python-floor", "small", 64, rps_vs_envoy=2.74, rps_vs_nginx=0.50),
+        row("stax-gateway", "small", 64, rps_vs_envoy=1.48, rps_vs_nginx=0.38),
+        row("stax-sidecar", "small", 64, rps_vs_envoy=1.54, rps_vs_nginx=0.40),
+    ]
+    verdicts = {g["goal"]: g for g in goals.evaluate(summary, None)}
+    envoy = verdicts["req/s ÷ Envoy, small body, 64 connections"]["headroom"]
+    assert envoy["floor"] == 2.74
+    assert round(envoy["allowed"], 3) == round(1 - 2.0 / 2.74, 3)  # 27%
+    assert round(envoy["spent"]["stax-gateway"], 3) == round(1 - 1.48 / 2.74, 3)  # 46%
+    nginx = verdicts["req/s ÷ nginx, small body, 64 connections"]["headroom"]
+    assert nginx["allowed"] < 0  # the floor itself is under 0.6x nginx: no Python proxy meets it
+    text = goals.table(list(verdicts.values()))
+    assert "python-floor (no features) 2.74: the goal lets features cost 27% of its req/s; " \
+           "they cost stax-gateway 46%, stax-sidecar 44%" in text
+    assert "python-floor (no features) 0.50: the goal lets features cost -20% of its req/s" in text
+    # without the floor measured, no headroom is claimed
+    without = goals.evaluate([s for s in summary if s["target"] != "python-floor"], None)
+    assert all("headroom" not in g for g in without)
