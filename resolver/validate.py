@@ -6,6 +6,7 @@ the caller's current snapshot is never touched by a bad update.
 
 from __future__ import annotations
 
+import math
 import re
 from types import MappingProxyType
 from typing import Any
@@ -125,8 +126,34 @@ def _config(env: str, raw: Any, problems: list[str]) -> dict:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 problems.append(f"env {env}: config {key} must be an integer >= {low}, got {value!r}")
                 continue
+        problem = _not_json(value)
+        if problem is not None:
+            problems.append(f"env {env}: config {key} must be JSON data: {problem}")
+            continue
         out[key] = value
     return out
+
+
+def _not_json(value: Any) -> str | None:
+    """What in `value` has no JSON form, else None. YAML can write NaN, dates, sets and
+    unbounded integers; a graph must mean the same from a file and from Redis (JSON)."""
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    if isinstance(value, int):
+        return None if -(1 << 63) <= value < (1 << 64) else f"integer {value} is out of 64-bit range"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{value!r} is not a finite number"
+    if isinstance(value, list):
+        return next((p for p in map(_not_json, value) if p is not None), None)
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"mapping key {k!r} is not a string"
+            problem = _not_json(v)
+            if problem is not None:
+                return problem
+        return None
+    return f"{value!r} ({type(value).__name__}) has no JSON form"
 
 
 def parse_graph(doc: Any, *, version: int | None = None, reuse: Graph | None = None,

@@ -111,6 +111,14 @@ def test_graph_push_show_and_compare_and_set(redis_server, tmp_path):
     out = stax("graph", "push", str(bad), "--redis", url)
     assert out.returncode == 1 and "store unchanged" in out.stderr
     assert json.loads(stax("graph", "show", "--redis", url).stdout)["version"] == 2
+    # YAML values with no JSON form are refused by name, before anything is written
+    nan = tmp_path / "nan.yaml"
+    nan.write_text("baseline: b\nenvs: {b: {config: {feature.ratio: .nan, feature.tags: !!set {a}}}}\n")
+    out = stax("graph", "push", str(nan), "--redis", url)
+    assert out.returncode == 1 and "store unchanged" in out.stderr and "Traceback" not in out.stderr
+    assert "config feature.ratio must be JSON data: nan is not a finite number" in out.stderr
+    assert "config feature.tags must be JSON data" in out.stderr
+    assert json.loads(stax("graph", "show", "--redis", url).stdout)["version"] == 2
 
 
 def test_store_unreachable_is_a_clear_error():

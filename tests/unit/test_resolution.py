@@ -149,6 +149,33 @@ def test_unknown_config_keys_are_kept_and_explained():
     assert s.config("c")["feature.flag"] == (True, "b")
 
 
+
+def test_config_values_must_have_a_json_form():
+    """YAML can write NaN, dates, sets and huge integers; JSON (Redis, --json) cannot, so a
+    graph holding them would mean one thing from a file and another from Redis."""
+    yaml_doc = load_document(b"""baseline: b
+envs:
+  b:
+    config:
+      feature.ratio: .nan
+      feature.since: 2026-01-01
+      feature.tags: !!set {a, b}
+      feature.big: 123456789012345678901234567890
+      feature.nested: {limits: [1, 2.5, .inf]}
+      feature.keys: {1: one}
+      feature.ok: {a: [1, 2.5, null, true, "x"]}
+""")
+    with pytest.raises(GraphInvalid) as exc:
+        parse_graph(yaml_doc)
+    problems = exc.value.problems
+    assert len(problems) == 6, problems
+    expect = {"feature.ratio": "nan is not a finite number", "feature.since": "(date) has no JSON form",
+              "feature.tags": "(set) has no JSON form", "feature.big": "out of 64-bit range",
+              "feature.nested": "inf is not a finite number", "feature.keys": "mapping key 1 is not a string"}
+    for key, why in expect.items():
+        assert any(f"config {key} must be JSON data" in p and why in p for p in problems), (key, problems)
+    assert not any("feature.ok" in p for p in problems)
+
 # -- property: resolution equals a naive walk on random graphs ---------------------------
 @st.composite
 def graphs(draw):
