@@ -23,6 +23,7 @@ _KINDS = {
 }
 
 
+_NOT_DROPPABLE = frozenset({b"close", b"keep-alive", b"upgrade", b"host"})
 _MAY_NEED_NORMALIZING = re.compile(rb"/\.|//|%").search  # one scan instead of three `in` tests
 
 
@@ -73,8 +74,9 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
             elif kind == _CONNECTION:
                 tokens = {t.strip().lower() for t in value.split(b",")} - {b""}
                 conn_upgrade = conn_upgrade or b"upgrade" in tokens
-                if tokens - {b"close", b"keep-alive", b"upgrade"}:
-                    req.hop_names = req.hop_names | tokens
+                # Host stays whatever Connection names: HTTP/1.1 requires it upstream
+                if tokens - _NOT_DROPPABLE:
+                    req.hop_names = req.hop_names | (tokens - _NOT_DROPPABLE)
             elif kind == _UPGRADE:
                 upgrade = value
             elif kind == _COOKIE:

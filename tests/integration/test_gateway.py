@@ -100,6 +100,12 @@ async def test_hop_by_hop_headers_not_forwarded(gw):
     for name in ("x-private", "keep-alive", "te", "proxy-authorization", "x-stax-internal"):
         assert name not in h, name
     assert h["x-custom"] == "kept"
+    # a client naming Host in Connection cannot make stax send a head without one
+    out = await raw_request(gw["port"], b"GET /named HTTP/1.1\r\nHost: web\r\nx-private: s\r\n"
+                                        b"Connection: close, host, x-private\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 "), out[:200]
+    seen = gw["up"]["web-base"].seen[-1]
+    assert seen["path"] == "/named" and seen["headers"]["host"] == "web" and "x-private" not in seen["headers"]
 
 
 async def test_repeated_headers_and_methods_preserved(gw):
