@@ -380,4 +380,6 @@ class ClientConnection(asyncio.Protocol):
 
 def _parser_reason(exc: HttpParserError) -> str:
     text = str(exc) or type(exc).__name__
+    if "PRI" in text:  # llhttp's words for the HTTP/2 connection preface
+        return "HTTP/2 with prior knowledge is not supported; speak HTTP/1.1"
     return text[:120]

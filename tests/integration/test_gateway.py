@@ -177,6 +177,9 @@ async def test_no_route_without_host(gw):
 async def test_malformed_request_is_400(gw):
     out = await raw_request(gw["port"], b"GET / HTTP/1.1\r\nHost: web\r\nBad Header\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 400") and b"x-stax-error: bad_request" in out
+    # an h2c client with prior knowledge learns why, in words rather than llhttp's
+    out = await raw_request(gw["port"], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400") and b"HTTP/2 with prior knowledge is not supported" in out
 
 
 async def test_oversized_head_is_431(gw):
