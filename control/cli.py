@@ -40,9 +40,19 @@ def _read_doc(path: str):
         raise _Usage(f"cannot read {path}: {exc.strerror}") from None
 
 
+def _check_redis_url(url: str) -> None:
+    from resolver.sources.redis_store import check_url
+
+    try:
+        check_url(url)
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+
+
 async def _with_store(url: str, prefix: str, fn):
     from resolver.sources.redis_store import RedisStore
 
+    _check_redis_url(url)
     store = RedisStore(url, prefix=prefix)
     try:
         return await fn(store)
@@ -204,6 +214,8 @@ def cmd_token(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    if args.redis:
+        _check_redis_url(args.redis)
     return run_demo(redis_url=args.redis, keep=args.keep)
 
 

@@ -188,6 +188,10 @@ def _coerce(raw: str, default):
 def _validate(cfg: ProxyConfig) -> None:
     if bool(cfg.graph) == bool(cfg.redis):
         raise ValueError("give exactly one graph source: --graph FILE or --redis URL")
+    if cfg.redis:
+        from resolver.sources.redis_store import check_url  # redis-py loads only for a Redis source
+
+        check_url(cfg.redis)
     addrs = ["listen", "admin"] + (["egress", "app"] if cfg.mode == "sidecar" else [])
     for name in addrs:
         if getattr(cfg, name) is None:

@@ -37,7 +37,7 @@ from urllib.parse import parse_qs, unquote
 import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, ClusterPubSub, RedisCluster
-from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS
+from redis.asyncio.connection import URL_QUERY_ARGUMENT_PARSERS, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
@@ -248,6 +248,23 @@ class _ClusterPubSub(ClusterPubSub):
         return await super().execute_command(*args, **kwargs)
 
 
+def check_url(url: str) -> None:
+    """Raise ValueError naming what is wrong with a Redis URL, without connecting: for
+    `--check-config` and the CLI, before anything starts."""
+    if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
+        parse_sentinel_url(url)
+    elif url.startswith(("redis+cluster://", "rediss+cluster://")):
+        parse_cluster_url(url)
+    elif url.startswith(("redis://", "rediss://", "unix://")):
+        try:
+            parse_url(url)
+        except ValueError as exc:
+            raise ValueError(f"bad Redis URL {redact_url(url)}: {exc}") from None
+    else:
+        raise ValueError(f"unsupported Redis URL {redact_url(url)}: want redis://, rediss://, "
+                         "unix://, redis+sentinel:// or redis+cluster://")
+
+
 class RedisStore:
     def __init__(self, url: str, *, prefix: str = "stax:", socket_timeout: float = 2.0) -> None:
         self.url = url
@@ -286,12 +303,9 @@ class RedisStore:
                 startup_nodes=[ClusterNode(host, port) for host, port in cu.nodes],
                 username=cu.username, password=cu.password, ssl=cu.ssl,
                 require_full_coverage=False, **{**opts, **cu.options})
-        elif url.startswith(("redis://", "rediss://", "unix://")):
-            self._client = aioredis.from_url(url, **opts)
         else:
-            raise ValueError(
-                f"unsupported Redis URL {self.safe_url}: want redis://, rediss://, "
-                "redis+sentinel:// or redis+cluster://")
+            check_url(url)  # the one place that says what a URL may be
+            self._client = aioredis.from_url(url, **opts)
         self._push_script = self._client.register_script(_PUSH_LUA)
         self._read_script = self._client.register_script(_READ_LUA)
         self._deltas_script = self._client.register_script(_DELTAS_LUA)

@@ -124,3 +124,24 @@ def test_graph_push_show_and_compare_and_set(redis_server, tmp_path):
 def test_store_unreachable_is_a_clear_error():
     out = stax("graph", "show", "--redis", "redis://127.0.0.1:1/0")
     assert out.returncode == 1 and "127.0.0.1:1" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_bad_redis_url_is_a_usage_error_everywhere():
+    """Said before anything starts (exit 2, no traceback), with the password redacted."""
+    listen = ["--listen", "127.0.0.1:0", "--check-config"]
+    for args, why in [
+        (("graph", "show", "--redis", "notaurl"), "unsupported Redis URL notaurl"),
+        (("graph", "push", GRAPH, "--redis", "redis://:hunter2@h:notaport/0"),
+         "bad Redis URL redis://:***@h:notaport/0"),
+        (("resolve", "--redis", "notaurl", "team-a", "web"), "unsupported Redis URL"),
+        (("config", "explain", "--redis", "notaurl", "team-a"), "unsupported Redis URL"),
+        (("demo", "--redis", "notaurl"), "unsupported Redis URL"),
+        (("gateway", "--redis", "redis://h:notaport/0", *listen), "bad Redis URL redis://h:notaport/0"),
+        (("gateway", "--redis", "notaurl", "--listen", "127.0.0.1:0"), "unsupported Redis URL"),
+        (("sidecar", "--redis", "redis+sentinel://h:1", "--env", "team-a", "--service", "web",
+          "--app", "127.0.0.1:1", *listen), "want redis+sentinel://"),
+    ]:
+        out = stax(*args)
+        assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+        assert "hunter2" not in out.stderr
+    assert stax("gateway", "--redis", "redis://127.0.0.1:6379/0", *listen).returncode == 0
