@@ -5,6 +5,7 @@ os.environ; tests build ProxyConfig directly."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, field, fields
 
@@ -162,7 +163,7 @@ def config_from_args(args: argparse.Namespace, mode: str, environ: dict | None =
             continue
         value = getattr(args, name, None)
         if value is None and "STAX_" + name.upper() in environ:
-            value = _coerce(environ["STAX_" + name.upper()], getattr(cfg, name))
+            value = _coerce(environ["STAX_" + name.upper()], getattr(cfg, name), name)
         if value is None and name in file_values:
             value = file_values[name]
         if value is not None:
@@ -175,17 +176,54 @@ def config_from_args(args: argparse.Namespace, mode: str, environ: dict | None =
     return cfg
 
 
-def _coerce(raw: str, default):
+def _coerce(raw: str, default, name: str):
     if isinstance(default, bool):
         return raw.lower() in ("1", "true", "yes", "on")
-    if isinstance(default, int):
-        return int(raw)
-    if isinstance(default, float):
-        return float(raw)
+    try:
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"STAX_{name.upper()}={raw!r} is not a number") from None
     return raw
 
 
+_MAY_BE_ZERO = {"pool_max_idle", "drain_timeout", "regression_hold"}  # 0 means "none"/"at once"
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _check_settings(cfg: ProxyConfig) -> None:
+    """Every setting of its type and every number in its range, whichever of flag, environment
+    or file set it: a 0 in-flight limit, a negative or NaN timeout would start a proxy that
+    fails every request."""
+    defaults = ProxyConfig()
+    for f in fields(ProxyConfig):
+        default, value = getattr(defaults, f.name), getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be true or false, got {value!r}")
+        elif isinstance(default, (int, float)):
+            kind = "an integer" if isinstance(default, int) else "a number"
+            ok_type = isinstance(value, int) if isinstance(default, int) else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+                raise ValueError(f"{flag} must be {kind}, got {value!r}")
+            if f.name in _MAY_BE_ZERO and value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value!r}")
+            if f.name not in _MAY_BE_ZERO and value <= 0:
+                raise ValueError(f"{flag} must be > 0, got {value!r}")
+        elif isinstance(default, list):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{flag} must be a list of strings, got {value!r}")
+        elif value is not None and not isinstance(value, str):
+            raise ValueError(f"{flag} must be a string, got {value!r}")
+    if cfg.log_level not in _LOG_LEVELS:
+        raise ValueError(f"--log-level must be one of {', '.join(_LOG_LEVELS)}, got {cfg.log_level!r}")
+
+
 def _validate(cfg: ProxyConfig) -> None:
+    _check_settings(cfg)
     if bool(cfg.graph) == bool(cfg.redis):
         raise ValueError("give exactly one graph source: --graph FILE or --redis URL")
     if cfg.redis:
@@ -211,5 +249,3 @@ def _validate(cfg: ProxyConfig) -> None:
         raise ValueError("--context-policy allow-list needs --context-allow E1,E2")
     if cfg.context_policy == "signed" and not cfg.env_token_key:
         raise ValueError("--context-policy signed needs --env-token-key FILE")
-    if cfg.max_hops < 1:
-        raise ValueError("--max-hops must be >= 1")

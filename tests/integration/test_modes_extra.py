@@ -4,6 +4,7 @@ the demo over Redis, a trickled request body, configuration precedence."""
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import sys
 
@@ -108,6 +109,30 @@ def test_config_rejects_what_cannot_work(tmp_path):
     f.write_text("grpah: x\n")
     with pytest.raises(ValueError, match="unknown setting"):
         parse(["--config", str(f)], {})
+    # numbers in range and of their type, from the environment, a flag or the file alike
+    for environ, why in [
+        ({"STAX_MAX_INFLIGHT": "abc"}, "STAX_MAX_INFLIGHT='abc' is not a number"),
+        ({"STAX_MAX_INFLIGHT": "0"}, "--max-inflight must be > 0, got 0"),
+        ({"STAX_CONNECT_TIMEOUT": "-1"}, "--connect-timeout must be > 0, got -1.0"),
+        ({"STAX_HEADER_TIMEOUT": "nan"}, "--header-timeout must be a number, got nan"),
+        ({"STAX_DRAIN_TIMEOUT": "-0.5"}, "--drain-timeout must be >= 0"),
+        ({"STAX_LOG_LEVEL": "loud"}, "--log-level must be one of debug, info, warning, error"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(why)):
+            parse(["--graph", "g"], environ)
+    with pytest.raises(ValueError, match="--keepalive-timeout must be > 0"):
+        parse(["--graph", "g", "--keepalive-timeout", "0"], {})
+    for text, why in [("connect_timeout: soon\n", "--connect-timeout must be a number, got 'soon'"),
+                      ("max_inflight: 2.5\n", "--max-inflight must be an integer, got 2.5"),
+                      ("access_log: 1\n", "--access-log must be true or false, got 1"),
+                      ("listen: 8080\n", "--listen must be a string, got 8080"),
+                      ("route_prefix: 5\n", "--route-prefix must be a list of strings, got 5")]:
+        f.write_text("graph: g\n" + text)
+        with pytest.raises(ValueError, match=re.escape(why)):
+            parse(["--config", str(f)], {})
+    # where 0 means none or at once, it is allowed
+    cfg = parse(["--graph", "g"], {"STAX_POOL_MAX_IDLE": "0", "STAX_DRAIN_TIMEOUT": "0"})
+    assert (cfg.pool_max_idle, cfg.drain_timeout) == (0, 0.0)
 
 
 async def test_access_log_one_json_line_per_request(tmp_path, upstreams, proxies, caplog):
