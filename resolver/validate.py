@@ -134,26 +134,36 @@ def _config(env: str, raw: Any, problems: list[str]) -> dict:
     return out
 
 
+CONFIG_MAX_DEPTH = 32  # lists and mappings within a config value: plenty for settings
+
+
 def _not_json(value: Any) -> str | None:
     """What in `value` has no JSON form, else None. YAML can write NaN, dates, sets and
-    unbounded integers; a graph must mean the same from a file and from Redis (JSON)."""
-    if value is None or isinstance(value, (bool, str)):
-        return None
-    if isinstance(value, int):
-        return None if -(1 << 63) <= value < (1 << 64) else f"integer {value} is out of 64-bit range"
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{value!r} is not a finite number"
-    if isinstance(value, list):
-        return next((p for p in map(_not_json, value) if p is not None), None)
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                return f"mapping key {k!r} is not a string"
-            problem = _not_json(v)
-            if problem is not None:
-                return problem
-        return None
-    return f"{value!r} ({type(value).__name__}) has no JSON form"
+    unbounded integers; a graph must mean the same from a file and from Redis (JSON). The
+    nesting is bounded too: deeper than Python's recursion, printing a value would fail."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if v is None or isinstance(v, (bool, str)):
+            continue
+        if isinstance(v, int):
+            if not -(1 << 63) <= v < (1 << 64):
+                return f"integer {v} is out of 64-bit range"
+        elif isinstance(v, float):
+            if not math.isfinite(v):
+                return f"{v!r} is not a finite number"
+        elif isinstance(v, (list, dict)):
+            if depth == CONFIG_MAX_DEPTH:
+                return f"lists and mappings nest more than {CONFIG_MAX_DEPTH} deep"
+            if isinstance(v, dict):
+                for k in v:
+                    if not isinstance(k, str):
+                        return f"mapping key {k!r} is not a string"
+                v = list(v.values())
+            stack.extend((item, depth + 1) for item in reversed(v))
+        else:
+            return f"{v!r} ({type(v).__name__}) has no JSON form"
+    return None
 
 
 def parse_graph(doc: Any, *, version: int | None = None, reuse: Graph | None = None,

@@ -163,18 +163,31 @@ envs:
       feature.big: 123456789012345678901234567890
       feature.nested: {limits: [1, 2.5, .inf]}
       feature.keys: {1: one}
+      feature.nokey: {~: one}
       feature.ok: {a: [1, 2.5, null, true, "x"]}
 """)
     with pytest.raises(GraphInvalid) as exc:
         parse_graph(yaml_doc)
     problems = exc.value.problems
-    assert len(problems) == 6, problems
+    assert len(problems) == 7, problems
     expect = {"feature.ratio": "nan is not a finite number", "feature.since": "(date) has no JSON form",
               "feature.tags": "(set) has no JSON form", "feature.big": "out of 64-bit range",
-              "feature.nested": "inf is not a finite number", "feature.keys": "mapping key 1 is not a string"}
+              "feature.nested": "inf is not a finite number", "feature.keys": "mapping key 1 is not a string",
+              "feature.nokey": "mapping key None is not a string"}
     for key, why in expect.items():
         assert any(f"config {key} must be JSON data" in p and why in p for p in problems), (key, problems)
     assert not any("feature.ok" in p for p in problems)
+    # nesting is bounded (printing or explaining a deeper value would overflow the stack)
+    def nested(depth):
+        value: list | int = 1
+        for _ in range(depth):
+            value = [value]
+        return {"baseline": "b", "envs": {"b": {"config": {"k": value}}}}
+    assert parse_graph(nested(32)).envs["b"].config["k"]
+    with pytest.raises(GraphInvalid, match="nest more than 32 deep"):
+        parse_graph(nested(33))
+    with pytest.raises(GraphInvalid, match="nest more than 32 deep"):
+        parse_graph(nested(5000))  # deeper than Python's recursion limit: still a clear answer
 
 # -- property: resolution equals a naive walk on random graphs ---------------------------
 @st.composite
