@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from types import MappingProxyType
 from typing import Any
 
@@ -38,6 +39,19 @@ def valid_name(name: object) -> bool:
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None
 
 
+_REPR = reprlib.Repr()  # messages quote what a document holds, bounded: it may be huge
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 80, 80
+
+
+def _shown(value: object) -> str:
+    return _REPR.repr(value)
+
+
+def _fields(keys) -> str:
+    """Unknown field names, sorted as text: keys of any type (YAML allows 1: x) compare."""
+    return "[" + ", ".join(sorted(_shown(k) for k in keys)) + "]"
+
+
 _JSON_START = re.compile(rb"\s*\{")
 
 
@@ -60,20 +74,20 @@ def parse_endpoint(raw: Any) -> Endpoint:
     if isinstance(raw, dict):
         extra = set(raw) - {"address", "weight"} - _ENDPOINT_ATTRS
         if extra:
-            raise ValueError(f"unknown endpoint field(s) {sorted(extra)}")
+            raise ValueError(f"unknown endpoint field(s) {_fields(extra)}")
         weight = raw.get("weight", 1)
         if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
-            raise ValueError(f"endpoint weight must be an integer >= 0, got {weight!r}")
+            raise ValueError(f"endpoint weight must be an integer >= 0, got {_shown(weight)}")
         attrs = {k: str(raw[k]) for k in sorted(_ENDPOINT_ATTRS & set(raw))}
         raw = raw.get("address")
     if not isinstance(raw, str):
-        raise ValueError(f"endpoint must be a string 'host:port', got {raw!r}")
+        raise ValueError(f"endpoint must be a string 'host:port', got {_shown(raw)}")
     m = _ENDPOINT_RE.fullmatch(raw.strip())
     if not m:
-        raise ValueError(f"malformed endpoint {raw!r} (want host:port or http(s)://host:port)")
+        raise ValueError(f"malformed endpoint {_shown(raw)} (want host:port or http(s)://host:port)")
     port = int(m["port"])
     if not 0 < port < 65536:
-        raise ValueError(f"endpoint {raw!r} has port out of range")
+        raise ValueError(f"endpoint {_shown(raw)} has port out of range")
     # no attrs (the usual case): the one shared empty mapping, not a dict and a proxy each
     return Endpoint(m["scheme"] or "http", m["host"].lower(), port, weight,
                     MappingProxyType(attrs) if attrs else EMPTY)
@@ -81,7 +95,7 @@ def parse_endpoint(raw: Any) -> Endpoint:
 
 def _overlay(where: str, service: Any, raw: Any, problems: list[str]) -> Overlay | None:
     if not valid_name(service):
-        problems.append(f"{where}: bad service name {service!r} (want [a-z0-9][a-z0-9-]{{0,62}})")
+        problems.append(f"{where}: bad service name {_shown(service)} (want [a-z0-9][a-z0-9-]{{0,62}})")
         return None
     if isinstance(raw, list):  # shorthand: a bare endpoint list
         raw = {"endpoints": raw}
@@ -90,7 +104,7 @@ def _overlay(where: str, service: Any, raw: Any, problems: list[str]) -> Overlay
         return None
     extra = set(raw) - _OVERLAY_KEYS
     if extra:
-        problems.append(f"{where} service {service}: unknown field(s) {sorted(extra)}")
+        problems.append(f"{where} service {service}: unknown field(s) {_fields(extra)}")
     eps = raw.get("endpoints")
     if not isinstance(eps, list) or not eps:
         problems.append(f"{where} service {service}: endpoint list is empty or missing")
@@ -118,13 +132,13 @@ def _config(env: str, raw: Any, problems: list[str]) -> dict:
     out = {}
     for key, value in raw.items():
         if not isinstance(key, str) or not key:
-            problems.append(f"env {env}: config key {key!r} must be a non-empty string")
+            problems.append(f"env {env}: config key {_shown(key)} must be a non-empty string")
             continue
         suffix = key.rsplit(".", 1)[-1]
         if suffix in _INT_KEYS:
             low = _INT_KEYS[suffix]
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                problems.append(f"env {env}: config {key} must be an integer >= {low}, got {value!r}")
+                problems.append(f"env {env}: config {key} must be an integer >= {low}, got {_shown(value)}")
                 continue
         problem = _not_json(value)
         if problem is not None:
@@ -135,15 +149,21 @@ def _config(env: str, raw: Any, problems: list[str]) -> dict:
 
 
 CONFIG_MAX_DEPTH = 32  # lists and mappings within a config value: plenty for settings
+CONFIG_MAX_ITEMS = 100_000  # values within one config value, YAML aliases counted each time
 
 
 def _not_json(value: Any) -> str | None:
     """What in `value` has no JSON form, else None. YAML can write NaN, dates, sets and
-    unbounded integers; a graph must mean the same from a file and from Redis (JSON). The
-    nesting is bounded too: deeper than Python's recursion, printing a value would fail."""
+    unbounded integers; a graph must mean the same from a file and from Redis (JSON). Depth
+    and size are bounded too: deeper than Python's recursion, printing a value fails, and YAML
+    aliases can make a few lines expand to billions of items once written as JSON."""
     stack = [(value, 0)]
+    seen = 0
     while stack:
         v, depth = stack.pop()
+        seen += 1
+        if seen > CONFIG_MAX_ITEMS:
+            return f"more than {CONFIG_MAX_ITEMS:,} items (with YAML aliases expanded)"
         if v is None or isinstance(v, (bool, str)):
             continue
         if isinstance(v, int):
@@ -151,18 +171,18 @@ def _not_json(value: Any) -> str | None:
                 return f"integer {v} is out of 64-bit range"
         elif isinstance(v, float):
             if not math.isfinite(v):
-                return f"{v!r} is not a finite number"
+                return f"{_shown(v)} is not a finite number"
         elif isinstance(v, (list, dict)):
             if depth == CONFIG_MAX_DEPTH:
                 return f"lists and mappings nest more than {CONFIG_MAX_DEPTH} deep"
             if isinstance(v, dict):
                 for k in v:
                     if not isinstance(k, str):
-                        return f"mapping key {k!r} is not a string"
+                        return f"mapping key {_shown(k)} is not a string"
                 v = list(v.values())
             stack.extend((item, depth + 1) for item in reversed(v))
         else:
-            return f"{v!r} ({type(v).__name__}) has no JSON form"
+            return f"{_shown(v)} ({type(v).__name__}) has no JSON form"
     return None
 
 
@@ -179,12 +199,12 @@ def parse_graph(doc: Any, *, version: int | None = None, reuse: Graph | None = N
         raise GraphInvalid(["graph document must be a mapping with 'baseline' and 'envs'"])
     extra = set(doc) - _TOP_KEYS
     if extra:
-        problems.append(f"unknown top-level field(s) {sorted(extra)}")
+        problems.append(f"unknown top-level field(s) {_fields(extra)}")
 
     if version is None:
         version = doc.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        problems.append(f"version must be an integer >= 1, got {version!r}")
+        problems.append(f"version must be an integer >= 1, got {_shown(version)}")
         version = 1
     epoch = doc.get("epoch", "")
     if not isinstance(epoch, str):
@@ -195,7 +215,7 @@ def parse_graph(doc: Any, *, version: int | None = None, reuse: Graph | None = N
     if baseline is None:
         problems.append("missing baseline: name the root env with 'baseline: NAME'")
     elif not valid_name(baseline):
-        problems.append(f"bad baseline name {baseline!r}")
+        problems.append(f"bad baseline name {_shown(baseline)}")
 
     shared: dict[str, Overlay] = {}
     raw_shared = doc.get("shared") or {}
@@ -212,7 +232,7 @@ def parse_graph(doc: Any, *, version: int | None = None, reuse: Graph | None = N
         problems.append("envs must be a non-empty mapping of env name: {...}")
         raw_envs = {}
     if baseline is not None and valid_name(baseline) and baseline not in raw_envs:
-        problems.append(f"missing baseline: env {baseline!r} is not defined under envs")
+        problems.append(f"missing baseline: env {_shown(baseline)} is not defined under envs")
 
     if (reuse is not None and changed is not None and not problems and baseline == reuse.baseline
             and len(raw_envs) == len(reuse.envs)
@@ -228,7 +248,7 @@ def parse_graph(doc: Any, *, version: int | None = None, reuse: Graph | None = N
         if kept is not None:
             parent = kept.parent
             if parent is not None and parent not in raw_envs:
-                problems.append(f"env {name}: missing parent {parent!r} (not defined under envs)")
+                problems.append(f"env {name}: missing parent {_shown(parent)} (not defined under envs)")
             parents[name] = parent
             envs[name] = kept
             continue
@@ -288,7 +308,7 @@ def _env(name: Any, raw: Any, baseline: Any, raw_envs: dict, raw_shared: dict,
          problems: list[str]) -> Env | None:
     """One env of the document, validated (problems appended); None when unusable."""
     if not valid_name(name):
-        problems.append(f"bad env name {name!r} (want [a-z0-9][a-z0-9-]{{0,62}})")
+        problems.append(f"bad env name {_shown(name)} (want [a-z0-9][a-z0-9-]{{0,62}})")
         return None
     raw = raw or {}
     if not isinstance(raw, dict):
@@ -296,19 +316,19 @@ def _env(name: Any, raw: Any, baseline: Any, raw_envs: dict, raw_shared: dict,
         return None
     extra = set(raw) - _ENV_KEYS
     if extra:
-        problems.append(f"env {name}: unknown field(s) {sorted(extra)}")
+        problems.append(f"env {name}: unknown field(s) {_fields(extra)}")
     parent = raw.get("parent")
     if name == baseline:
         if parent is not None:
             problems.append(f"env {name}: the baseline cannot have a parent")
             parent = None
     elif parent is None:
-        problems.append(f"env {name}: missing parent (only the baseline {baseline!r} has none)")
+        problems.append(f"env {name}: missing parent (only the baseline {_shown(baseline)} has none)")
     elif not valid_name(parent):
-        problems.append(f"env {name}: bad parent name {parent!r}")
+        problems.append(f"env {name}: bad parent name {_shown(parent)}")
         parent = None
     elif parent not in raw_envs:
-        problems.append(f"env {name}: missing parent {parent!r} (not defined under envs)")
+        problems.append(f"env {name}: missing parent {_shown(parent)} (not defined under envs)")
     services: dict[str, Overlay] = {}
     raw_services = raw.get("services") or {}
     if not isinstance(raw_services, dict):
@@ -361,5 +381,5 @@ def _chain_problems(parents: dict, baseline: Any, defined: dict) -> list[str]:
         for n in path:
             reaches[n] = ok
         if not ok and start not in blamed:
-            problems.append(f"env {start}: parent chain does not reach the baseline {baseline!r}")
+            problems.append(f"env {start}: parent chain does not reach the baseline {_shown(baseline)}")
     return problems
