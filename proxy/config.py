@@ -9,6 +9,8 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
+from resolver.validate import excerpt
+
 
 @dataclass
 class ProxyConfig:
@@ -203,23 +205,23 @@ def _check_settings(cfg: ProxyConfig) -> None:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                raise ValueError(f"{flag} must be true or false, got {value!r}")
+                raise ValueError(f"{flag} must be true or false, got {excerpt(value)}")
         elif isinstance(default, (int, float)):
             kind = "an integer" if isinstance(default, int) else "a number"
             ok_type = isinstance(value, int) if isinstance(default, int) else isinstance(value, (int, float))
             if isinstance(value, bool) or not ok_type or not math.isfinite(value):
-                raise ValueError(f"{flag} must be {kind}, got {value!r}")
+                raise ValueError(f"{flag} must be {kind}, got {excerpt(value)}")
             if f.name in _MAY_BE_ZERO and value < 0:
-                raise ValueError(f"{flag} must be >= 0, got {value!r}")
+                raise ValueError(f"{flag} must be >= 0, got {excerpt(value)}")
             if f.name not in _MAY_BE_ZERO and value <= 0:
-                raise ValueError(f"{flag} must be > 0, got {value!r}")
+                raise ValueError(f"{flag} must be > 0, got {excerpt(value)}")
         elif isinstance(default, list):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"{flag} must be a list of strings, got {value!r}")
+                raise ValueError(f"{flag} must be a list of strings, got {excerpt(value)}")
         elif value is not None and not isinstance(value, str):
-            raise ValueError(f"{flag} must be a string, got {value!r}")
+            raise ValueError(f"{flag} must be a string, got {excerpt(value)}")
     if cfg.log_level not in _LOG_LEVELS:
-        raise ValueError(f"--log-level must be one of {', '.join(_LOG_LEVELS)}, got {cfg.log_level!r}")
+        raise ValueError(f"--log-level must be one of {', '.join(_LOG_LEVELS)}, got {excerpt(cfg.log_level)}")
 
 
 def _validate(cfg: ProxyConfig) -> None:

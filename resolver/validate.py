@@ -43,13 +43,14 @@ _REPR = reprlib.Repr()  # messages quote what a document holds, bounded: it may 
 _REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 80, 80
 
 
-def _shown(value: object) -> str:
+def excerpt(value: object) -> str:
+    """repr(value), bounded: what a message may quote of any input."""
     return _REPR.repr(value)
 
 
 def _fields(keys) -> str:
     """Unknown field names, sorted as text: keys of any type (YAML allows 1: x) compare."""
-    return "[" + ", ".join(sorted(_shown(k) for k in keys)) + "]"
+    return "[" + ", ".join(sorted(excerpt(k) for k in keys)) + "]"
 
 
 _JSON_START = re.compile(rb"\s*\{")
@@ -77,17 +78,17 @@ def parse_endpoint(raw: Any) -> Endpoint:
             raise ValueError(f"unknown endpoint field(s) {_fields(extra)}")
         weight = raw.get("weight", 1)
         if not isinstance(weight, int) or isinstance(weight, bool) or weight < 0:
-            raise ValueError(f"endpoint weight must be an integer >= 0, got {_shown(weight)}")
+            raise ValueError(f"endpoint weight must be an integer >= 0, got {excerpt(weight)}")
         attrs = {k: str(raw[k]) for k in sorted(_ENDPOINT_ATTRS & set(raw))}
         raw = raw.get("address")
     if not isinstance(raw, str):
-        raise ValueError(f"endpoint must be a string 'host:port', got {_shown(raw)}")
+        raise ValueError(f"endpoint must be a string 'host:port', got {excerpt(raw)}")
     m = _ENDPOINT_RE.fullmatch(raw.strip())
     if not m:
-        raise ValueError(f"malformed endpoint {_shown(raw)} (want host:port or http(s)://host:port)")
+        raise ValueError(f"malformed endpoint {excerpt(raw)} (want host:port or http(s)://host:port)")
     port = int(m["port"])
     if not 0 < port < 65536:
-        raise ValueError(f"endpoint {_shown(raw)} has port out of range")
+        raise ValueError(f"endpoint {excerpt(raw)} has port out of range")
     # no attrs (the usual case): the one shared empty mapping, not a dict and a proxy each
     return Endpoint(m["scheme"] or "http", m["host"].lower(), port, weight,
                     MappingProxyType(attrs) if attrs else EMPTY)
@@ -95,7 +96,7 @@ def parse_endpoint(raw: Any) -> Endpoint:
 
 def _overlay(where: str, service: Any, raw: Any, problems: list[str]) -> Overlay | None:
     if not valid_name(service):
-        problems.append(f"{where}: bad service name {_shown(service)} (want [a-z0-9][a-z0-9-]{{0,62}})")
+        problems.append(f"{where}: bad service name {excerpt(service)} (want [a-z0-9][a-z0-9-]{{0,62}})")
         return None
     if isinstance(raw, list):  # shorthand: a bare endpoint list
         raw = {"endpoints": raw}
@@ -132,13 +133,13 @@ def _config(env: str, raw: Any, problems: list[str]) -> dict:
     out = {}
     for key, value in raw.items():
         if not isinstance(key, str) or not key:
-            problems.append(f"env {env}: config key {_shown(key)} must be a non-empty string")
+            problems.append(f"env {env}: config key {excerpt(key)} must be a non-empty string")
             continue
         suffix = key.rsplit(".", 1)[-1]
         if suffix in _INT_KEYS:
             low = _INT_KEYS[suffix]
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                problems.append(f"env {env}: config {key} must be an integer >= {low}, got {_shown(value)}")
+                problems.append(f"env {env}: config {key} must be an integer >= {low}, got {excerpt(value)}")
                 continue
         problem = _not_json(value)
         if problem is not None:
@@ -171,18 +172,18 @@ def _not_json(value: Any) -> str | None:
                 return f"integer {v} is out of 64-bit range"
         elif isinstance(v, float):
             if not math.isfinite(v):
-                return f"{_shown(v)} is not a finite number"
+                return f"{excerpt(v)} is not a finite number"
         elif isinstance(v, (list, dict)):
             if depth == CONFIG_MAX_DEPTH:
                 return f"lists and mappings nest more than {CONFIG_MAX_DEPTH} deep"
             if isinstance(v, dict):
                 for k in v:
                     if not isinstance(k, str):
-                        return f"mapping key {_shown(k)} is not a string"
+                        return f"mapping key {excerpt(k)} is not a string"
                 v = list(v.values())
             stack.extend((item, depth + 1) for item in reversed(v))
         else:
-            return f"{_shown(v)} ({type(v).__name__}) has no JSON form"
+            return f"{excerpt(v)} ({type(v).__name__}) has no JSON form"
     return None
 
 
@@ -204,7 +205,7 @@ def parse_graph(doc: Any, *, version: int | None = None, reuse: Graph | None = N
     if version is None:
         version = doc.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        problems.append(f"version must be an integer >= 1, got {_shown(version)}")
+        problems.append(f"version must be an integer >= 1, got {excerpt(version)}")
         version = 1
     epoch = doc.get("epoch", "")
     if not isinstance(epoch, str):
@@ -215,7 +216,7 @@ def parse_graph(doc: Any, *, version: int | None = None, reuse: Graph | None = N
     if baseline is None:
         problems.append("missing baseline: name the root env with 'baseline: NAME'")
     elif not valid_name(baseline):
-        problems.append(f"bad baseline name {_shown(baseline)}")
+        problems.append(f"bad baseline name {excerpt(baseline)}")
 
     shared: dict[str, Overlay] = {}
     raw_shared = doc.get("shared") or {}
@@ -232,7 +233,7 @@ def parse_graph(doc: Any, *, version: int | None = None, reuse: Graph | None = N
         problems.append("envs must be a non-empty mapping of env name: {...}")
         raw_envs = {}
     if baseline is not None and valid_name(baseline) and baseline not in raw_envs:
-        problems.append(f"missing baseline: env {_shown(baseline)} is not defined under envs")
+        problems.append(f"missing baseline: env {excerpt(baseline)} is not defined under envs")
 
     if (reuse is not None and changed is not None and not problems and baseline == reuse.baseline
             and len(raw_envs) == len(reuse.envs)
@@ -248,7 +249,7 @@ def parse_graph(doc: Any, *, version: int | None = None, reuse: Graph | None = N
         if kept is not None:
             parent = kept.parent
             if parent is not None and parent not in raw_envs:
-                problems.append(f"env {name}: missing parent {_shown(parent)} (not defined under envs)")
+                problems.append(f"env {name}: missing parent {excerpt(parent)} (not defined under envs)")
             parents[name] = parent
             envs[name] = kept
             continue
@@ -308,7 +309,7 @@ def _env(name: Any, raw: Any, baseline: Any, raw_envs: dict, raw_shared: dict,
          problems: list[str]) -> Env | None:
     """One env of the document, validated (problems appended); None when unusable."""
     if not valid_name(name):
-        problems.append(f"bad env name {_shown(name)} (want [a-z0-9][a-z0-9-]{{0,62}})")
+        problems.append(f"bad env name {excerpt(name)} (want [a-z0-9][a-z0-9-]{{0,62}})")
         return None
     raw = raw or {}
     if not isinstance(raw, dict):
@@ -323,12 +324,12 @@ def _env(name: Any, raw: Any, baseline: Any, raw_envs: dict, raw_shared: dict,
             problems.append(f"env {name}: the baseline cannot have a parent")
             parent = None
     elif parent is None:
-        problems.append(f"env {name}: missing parent (only the baseline {_shown(baseline)} has none)")
+        problems.append(f"env {name}: missing parent (only the baseline {excerpt(baseline)} has none)")
     elif not valid_name(parent):
-        problems.append(f"env {name}: bad parent name {_shown(parent)}")
+        problems.append(f"env {name}: bad parent name {excerpt(parent)}")
         parent = None
     elif parent not in raw_envs:
-        problems.append(f"env {name}: missing parent {_shown(parent)} (not defined under envs)")
+        problems.append(f"env {name}: missing parent {excerpt(parent)} (not defined under envs)")
     services: dict[str, Overlay] = {}
     raw_services = raw.get("services") or {}
     if not isinstance(raw_services, dict):
@@ -381,5 +382,5 @@ def _chain_problems(parents: dict, baseline: Any, defined: dict) -> list[str]:
         for n in path:
             reaches[n] = ok
         if not ok and start not in blamed:
-            problems.append(f"env {start}: parent chain does not reach the baseline {_shown(baseline)}")
+            problems.append(f"env {start}: parent chain does not reach the baseline {excerpt(baseline)}")
     return problems

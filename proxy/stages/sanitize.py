@@ -75,8 +75,9 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
                 tokens = {t.strip().lower() for t in value.split(b",")} - {b""}
                 conn_upgrade = conn_upgrade or b"upgrade" in tokens
                 # Host stays whatever Connection names: HTTP/1.1 requires it upstream
-                if tokens - _NOT_DROPPABLE:
-                    req.hop_names = req.hop_names | (tokens - _NOT_DROPPABLE)
+                named = tokens - _NOT_DROPPABLE
+                if named:
+                    req.hop_names = req.hop_names | named
             elif kind == _UPGRADE:
                 upgrade = value
             elif kind == _COOKIE:
