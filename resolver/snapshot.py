@@ -52,6 +52,17 @@ class Route:
         return f"<Route {self.header.decode()} endpoints={len(self.endpoints)}>"
 
 
+def shared_route(table: dict, service: str, kind: str, provider: str | None,
+                 endpoints: tuple[Endpoint, ...], version: int, settings: RouteSettings) -> Route:
+    """The one Route of `table` (a snapshot's) for this answer, made on first use: every env
+    that resolves alike shares it."""
+    key = (service, kind, provider, settings)
+    route = table.get(key)
+    if route is None:
+        route = table[key] = Route(service, kind, provider, endpoints, version, settings)
+    return route
+
+
 def _header(service: str, kind: str, provider_env: str | None, version: int) -> bytes:
     where = "shared" if kind == "shared" else f"{kind}:{provider_env}"
     return f"{service}={where}@v{version}".encode()
@@ -65,7 +76,7 @@ class Snapshot:
         self.source = source
         self.created = time.time()
         self._routes: dict[str, dict[str, Route]] = {}  # service -> env -> Route: the memo
-        self._shared: dict[tuple, Route] = {}  # (service, kind, provider, settings) -> Route
+        self._shared: dict[tuple, Route] = {}  # see shared_route
         self._chains: dict[str, tuple[str, ...]] = {}
         # After a change to the envs in `changed` only, an answer of `previous` for an env whose
         # chain holds none of them is still right: it is carried over on first use (as this
@@ -137,10 +148,7 @@ class Snapshot:
 
     def _remember(self, env: str, service: str, kind: str, provider: str | None,
                   endpoints: tuple[Endpoint, ...], settings: RouteSettings) -> Route:
-        key = (service, kind, provider, settings)
-        route = self._shared.get(key)
-        if route is None:
-            route = self._shared[key] = Route(service, kind, provider, endpoints, self.version, settings)
+        route = shared_route(self._shared, service, kind, provider, endpoints, self.version, settings)
         self._routes.setdefault(service, {})[env] = route
         return route
 

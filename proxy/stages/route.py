@@ -8,7 +8,7 @@ from __future__ import annotations
 from resolver.errors import MisdirectedRequest, NoGraph, NoProvider, NoRoute
 from resolver.layered_config import route_settings
 from resolver.model import Endpoint
-from resolver.snapshot import Route
+from resolver.snapshot import shared_route
 from resolver.sync import SnapshotCell
 from resolver.validate import NAME_RE
 
@@ -105,7 +105,7 @@ def make_ingress_route(cell: SnapshotCell, *, env: str, service: str, app: Endpo
     request's env. A request for an env whose chain does not include this sidecar's env is
     refused (421): serving it here would leak it out of its overlay scope."""
     memo: dict = {}  # env -> Route, for the snapshot `memo_of`
-    routes: dict = {}  # (kind, provider, settings) -> Route: one per distinct answer, as in Snapshot
+    routes: dict = {}  # one Route per distinct answer (shared_route), as in Snapshot
     memo_of = None
 
     def route(req: Request) -> None:
@@ -132,12 +132,8 @@ def make_ingress_route(cell: SnapshotCell, *, env: str, service: str, app: Endpo
                     f"{req.env!r} ({' -> '.join(chain)})")
             else:
                 kind, provider = ("baseline" if env == graph.baseline else "ancestor"), env
-            settings = route_settings(graph, chain, service)
-            found = routes.get((kind, provider, settings))
-            if found is None:
-                found = routes[kind, provider, settings] = Route(service, kind, provider, (app,),
-                                                                 snap.version, settings)
-            memo[req.env] = found
+            found = memo[req.env] = shared_route(routes, service, kind, provider, (app,), snap.version,
+                                                 route_settings(graph, chain, service))
         req.route = found
 
     return route
