@@ -335,7 +335,16 @@ class ClientConnection(asyncio.Protocol):
         if self.close_after or not ex.req.keep_alive:
             self.close()
             return
+        if self.queue:
+            # Pipelined: start the next request after the upstream read that completed this
+            # one. Until that read is parsed, its connection may still prove out of sync.
+            self.server.forwarder.loop.call_soon(self._next_soon)
+            return
         self._next()
+
+    def _next_soon(self) -> None:
+        if not self.closed and self.exchange is None:
+            self._next()
 
     def tunnel_done(self, ex) -> None:
         self.tunnel = None

@@ -73,7 +73,9 @@ class UpstreamPool:
 
     def discard(self, conn: UpstreamConnection) -> None:
         """Drop a connection that must not be reused (error, short body, timeout)."""
-        if not conn.idle:
+        if conn.idle:  # bytes arrived after its response: out of sync
+            self.forget(conn)
+        else:
             self.active -= 1
         conn.exchange = None
         conn.idle = False

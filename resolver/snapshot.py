@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .errors import NoProvider, UnknownEnv
+from .errors import BadContext, NoProvider, UnknownEnv
 from .layered_config import RouteSettings, explain_config, route_settings
 from .model import Endpoint, Graph
+from .validate import excerpt, valid_name
 
 
 class Route:
@@ -154,7 +155,9 @@ class Snapshot:
 
     # -- explanations (CLI, /debug/resolve) --------------------------------------------------
     def explain(self, env: str, service: str) -> dict:
-        """The `stax resolve --json` shape. Raises UnknownEnv / NoProvider."""
+        """The `stax resolve --json` shape. Raises BadContext / UnknownEnv / NoProvider."""
+        if not valid_name(env):  # what the proxy answers a request naming it
+            raise BadContext(f"invalid env name {excerpt(env)}")
         route = self.resolve(env, service)
         chain = self.chain(env)
         searched = () if route.kind == "shared" else chain[: chain.index(route.provider_env) + 1]

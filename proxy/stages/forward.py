@@ -249,7 +249,7 @@ class Exchange:
         out = lines
         theirs = None
         length = conn.length
-        chunked = False
+        te = None  # the upstream's Transfer-Encoding
         upgrade = b""
         extra_hop = None
         for lname, value in special:
@@ -261,7 +261,7 @@ class Exchange:
                 if tokens:  # names other headers as hop-by-hop: filter them below
                     extra_hop = tokens if extra_hop is None else extra_hop | tokens
             elif lname == b"transfer-encoding":
-                chunked = True
+                te = value if te is None else te + b", " + value
             elif lname == b"x-stax-route":
                 theirs = value if theirs is None else theirs + b"," + value
             elif lname == b"upgrade":
@@ -280,17 +280,23 @@ class Exchange:
             out.append(b"x-stax-route: " + self.route.header + b"," + theirs + b"\r\n")
         no_body = status in _NO_BODY_STATUS or req.method == b"HEAD"
         if no_body:
-            if length is not None:
+            if te is not None and req.method == b"HEAD":
+                out.append(b"transfer-encoding: " + te + b"\r\n")
+            elif length is not None and status != 204:  # a 204 has no Content-Length (RFC 9110 8.6)
                 out.append(b"content-length: " + length + b"\r\n")
-            elif chunked and req.method == b"HEAD":
-                out.append(b"transfer-encoding: chunked\r\n")
-        elif length is not None and not chunked:
+        elif length is not None:  # llhttp refuses Content-Length with Transfer-Encoding
             out.append(b"content-length: " + length + b"\r\n")
         else:
-            conn.eof_body = not chunked
+            # Re-framed for the client: chunked, after any other coding the upstream applied
+            # (gzip, chunked); without chunked last, the upstream's body runs to its close.
+            if te is None or te == b"chunked":
+                conn.eof_body = te is None
+                codings = _CHUNKED_LINE
+            else:
+                codings, conn.eof_body = _codings(te)
             if client.http_version(req) == "1.1":
                 self.resp_chunked = True
-                out.append(b"transfer-encoding: chunked\r\n")
+                out.append(codings)
             else:
                 client.close_after = True
         if req.upgrade is not None and status != 101:
@@ -489,6 +495,19 @@ class Exchange:
     def resume_upstream(self) -> None:
         if self.conn is not None and not self.conn.closed:
             self.conn.transport.resume_reading()
+
+
+_CHUNKED_LINE = b"transfer-encoding: chunked\r\n"
+
+
+def _codings(te: bytes) -> tuple[bytes, bool]:
+    """For an upstream's Transfer-Encoding `te`: the client's line (its codings, chunked last)
+    and whether the upstream's body runs to its close (chunked is not its last coding)."""
+    tokens = [t.strip() for t in te.split(b",") if t.strip()]
+    to_close = not tokens or tokens[-1].lower() != b"chunked"
+    if not to_close:
+        tokens.pop()
+    return b"transfer-encoding: " + b"".join(t + b", " for t in tokens) + b"chunked\r\n", to_close
 
 
 def _frame(chunk: bytes, chunked: bool) -> bytes:

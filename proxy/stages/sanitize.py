@@ -96,8 +96,10 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
         if te is not None:
             if content_length is not None:
                 raise BadRequest("both Content-Length and Transfer-Encoding")
-            if te.lower().replace(b" ", b"").split(b",")[-1] != b"chunked":
-                raise BadRequest("unsupported Transfer-Encoding")
+            if te != b"chunked" and b"".join(te.split()).lower() != b"chunked":
+                # only chunked alone: other codings (gzip, chunked) would reach the upstream
+                # re-framed as plain chunked, their meaning lost
+                raise BadRequest("unsupported Transfer-Encoding (only chunked)")
             req.chunked = True
         elif content_length is not None:
             req.content_length = int(content_length)

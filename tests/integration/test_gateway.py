@@ -280,6 +280,11 @@ async def test_admin_endpoints(gw):
         assert [c["provides"] for c in body["chain"]] == [False, True]
     async with s.get(admin + "/debug/resolve?env=nope&service=orders") as r:
         assert r.status == 404 and (await r.json())["error"] == "unknown_env"
+    for bad in ("%ff", "Team-A", "a" * 5000):  # as a request naming it would be answered
+        async with s.get(admin + f"/debug/resolve?env={bad}&service=orders") as r:
+            body = await r.json()
+            assert r.status == 400 and body["error"] == "bad_context", body
+            assert len(body["message"]) < 200
     async with s.get(admin + "/debug/graph") as r:
         assert (await r.json())["baseline"] == "baseline"
     async with s.get(admin + "/healthz") as r:

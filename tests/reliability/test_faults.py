@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from resolver.sources.redis_store import RedisStore
-from tests.servers import port_of, write_graph
+from tests.servers import port_of, raw_request, write_graph
 
 pytestmark = pytest.mark.asyncio
 
@@ -61,6 +61,33 @@ async def test_garbage_response_is_502_bad_response(tmp_path, proxies, garbage):
     server.close()
 
 
+async def test_bytes_after_a_response_never_reach_the_next_request(tmp_path, proxies):
+    """An upstream that writes more than its response (here on a kept-alive connection) puts
+    that connection out of sync. A pipelined request started as that response completes must
+    not go out on it: it gets its own connection and its answer, not a timeout."""
+    conns = []
+
+    async def handle(reader, writer):
+        conns.append(writer)
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    addr = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    rt, _ = await gw_for(proxies, tmp_path, addr, **{"svc.timeout_ms": 30000, "svc.retries": 0})
+    get = b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n"
+    out = await raw_request(port_of(rt, "gateway"), get + get + get.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+    assert out.count(b"HTTP/1.1 200 OK") == 3, out
+    assert len(conns) == 3  # each out-of-sync connection was dropped, never reused
+    await settle(rt)
+    assert rt.pool.active == 0 and rt.pool.idle_count == 0
+    server.close()
+
+
 async def test_response_hop_by_hop_headers_are_dropped(tmp_path, proxies):
     """Hop-by-hop response headers, and the ones the upstream's Connection names, never reach
     the client; end-to-end ones arrive unchanged, in order, with stax's x-stax-route."""
@@ -76,6 +103,27 @@ async def test_response_hop_by_hop_headers_are_dropped(tmp_path, proxies):
             assert "x-secret" not in names and "keep-alive" not in names
             assert names.index("x-first") < names.index("x-last")
             assert r.headers["x-stax-route"] == "svc=local:b@v1,theirs=local:x@v9"
+    server.close()
+
+
+@pytest.mark.parametrize("response,expect,absent", [
+    # a coding besides chunked stays on the body's Transfer-Encoding, chunked last
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+     b"\r\ntransfer-encoding: gzip, chunked\r\n", b"content-length"),
+    # without chunked last the body runs to the upstream's close: re-chunked, and complete
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+     b"\r\ntransfer-encoding: gzip, chunked\r\n", b"content-length"),
+    # a 204 never carries Content-Length, whatever the upstream says
+    (b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+     b"HTTP/1.1 204 No Content\r\n", b"content-length"),
+])
+async def test_response_framing_keeps_its_meaning(tmp_path, proxies, response, expect, absent):
+    server, addr, _ = await raw_upstream(response)
+    rt, _ = await gw_for(proxies, tmp_path, addr)
+    out = await raw_request(port_of(rt, "gateway"), b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n")
+    assert expect in out and absent not in out.lower(), out
+    if out.startswith(b"HTTP/1.1 200"):
+        assert out.endswith(b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"), out  # the body, whole
     server.close()
 
 
