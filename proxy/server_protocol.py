@@ -339,8 +339,10 @@ class ClientConnection(asyncio.Protocol):
             # Pipelined: start the next request after the upstream read that completed this
             # one. Until that read is parsed, its connection may still prove out of sync.
             self.server.forwarder.loop.call_soon(self._next_soon)
-            return
-        self._next()
+        elif self.deferred_error is None and not self.eof:
+            self.deadline = -1.0  # idle (what _next does here, without the call)
+        else:
+            self._next()
 
     def _next_soon(self) -> None:
         if not self.closed and self.exchange is None:
