@@ -5,6 +5,8 @@ The snapshot reference is read once per request; resolution is a memoized dict l
 
 from __future__ import annotations
 
+import re
+
 from resolver.errors import MisdirectedRequest, NoGraph, NoProvider, NoRoute
 from resolver.layered_config import route_settings
 from resolver.model import Endpoint
@@ -75,15 +77,18 @@ def _route_by_host(cell: SnapshotCell, req: Request, missing: str) -> None:
     _resolve(cell, req, service)
 
 
+_AUTHORITY = re.compile(rb"([^/?#]*)(.*)", re.S).match
+
+
 def _absolute_to_origin(req: Request) -> None:
     target = req.path
     scheme, sep, rest = target.partition(b"://")
     if not sep or scheme.lower() not in (b"http", b"https"):
         raise NoRoute("request target is neither origin-form nor http absolute-form")
-    authority, slash, path = rest.partition(b"/")
+    authority, path = _AUTHORITY(rest).groups()  # it ends at "/", "?" or "#" (RFC 3986 3.2)
     if b"@" in authority:
         raise NoRoute("userinfo in request target is not allowed")
-    req.path = normalize_path(b"/" + path if slash else b"/")
+    req.path = normalize_path(path if path[:1] == b"/" else b"/" + path)
     if req.host is None:
         req.host = authority
         req.headers.append((b"host", b"Host", authority))

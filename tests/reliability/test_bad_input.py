@@ -116,6 +116,11 @@ async def test_no_ssrf_via_absolute_form_or_host(edge):
     # absolute-form naming a real service routes to its provider, never to the named host:port
     out = await raw_request(edge["port"], b"GET http://web:6379/x HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 200") and edge["web"].seen[-1]["path"] == "/x"
+    # the authority ends at "/", "?" or "#": an empty path with a query is "/?query"
+    for target, path in ((b"http://web?q=1", "/?q=1"), (b"http://web:80?q=2", "/?q=2"), (b"http://web", "/")):
+        out = await raw_request(edge["port"], b"GET " + target + b" HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200"), (target, out[:150])
+        assert edge["web"].seen[-1]["path"] == path
 
 
 async def test_internal_headers_stripped_and_forwarded_trust(edge):
