@@ -11,7 +11,7 @@ import orjson
 from resolver.errors import GraphInvalid, StaxError, StoreUnavailable, VersionConflict
 from resolver.snapshot import Snapshot
 from resolver.sources.file import load_file
-from resolver.validate import load_document, parse_graph
+from resolver.validate import load_document, parse_graph, valid_name
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFLICT = 0, 1, 2, 3
 
@@ -203,9 +203,15 @@ def cmd_proxy(args, mode: str) -> int:
 def cmd_token(args) -> int:
     from proxy.stages.policy import load_key, mint_token
 
+    if not valid_name(args.env):  # a token no gateway could ever accept
+        raise _Usage(f"invalid env name {args.env!r} (want [a-z0-9][a-z0-9-]{{0,62}})")
+    if args.ttl <= 0:
+        raise _Usage(f"--ttl must be above 0 seconds (got {args.ttl})")
     try:
         key = load_key(args.key)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise _Usage(f"cannot read {args.key}: {exc.strerror}") from None
+    except ValueError as exc:
         raise _Usage(str(exc)) from None
     _out(mint_token(key, args.env, args.ttl))
     return EXIT_OK

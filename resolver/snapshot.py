@@ -101,11 +101,13 @@ class Snapshot:
 
     # -- memoized slow path ------------------------------------------------------------------
     def chain(self, env: str) -> tuple[str, ...]:
-        """env, parent(env), ..., baseline. Raises UnknownEnv."""
+        """env, parent(env), ..., baseline. Raises BadContext / UnknownEnv."""
         chain = self._chains.get(env)
         if chain is None:
             envs = self.graph.envs
             if env not in envs:
+                if not valid_name(env):  # what the proxy answers a request naming it (CLI, admin)
+                    raise BadContext(f"invalid env name {excerpt(env)}")
                 raise UnknownEnv(f"unknown env {env!r} (graph v{self.version})")
             names, node = [], env
             while node is not None:  # validated: reaches the baseline, no cycles
@@ -156,8 +158,6 @@ class Snapshot:
     # -- explanations (CLI, /debug/resolve) --------------------------------------------------
     def explain(self, env: str, service: str) -> dict:
         """The `stax resolve --json` shape. Raises BadContext / UnknownEnv / NoProvider."""
-        if not valid_name(env):  # what the proxy answers a request naming it
-            raise BadContext(f"invalid env name {excerpt(env)}")
         route = self.resolve(env, service)
         chain = self.chain(env)
         searched = () if route.kind == "shared" else chain[: chain.index(route.provider_env) + 1]

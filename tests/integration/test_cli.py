@@ -62,6 +62,23 @@ def test_resolve_errors():
     out = stax("resolve", "--graph", GRAPH, "team-a", "billing")
     assert out.returncode == 1 and "billing" in out.stderr
     assert stax("resolve", "team-a", "web").returncode == 2  # no graph source: usage
+    for cmd in (("resolve", "--graph", GRAPH, "Team-A", "web", "--json"),
+                ("config", "explain", "--graph", GRAPH, "Team-A", "--json")):
+        out = stax(*cmd)  # what a request naming it is answered, not "unknown"
+        assert out.returncode == 1 and json.loads(out.stdout)["error"] == "bad_context", out.stdout
+
+
+def test_token_refuses_what_no_gateway_would_accept(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("k" * 32)
+    ok = stax("token", "--key", str(key), "--env", "team-a", "--ttl", "60")
+    assert ok.returncode == 0 and ok.stdout.startswith("team-a.")
+    for args, reason in ((("--env", "Team_A"), "invalid env name"), (("--env", "a", "--ttl", "0"), "--ttl"),
+                         (("--env", "a", "--ttl", "-5"), "--ttl")):
+        out = stax("token", "--key", str(key), *args)
+        assert out.returncode == 2 and reason in out.stderr and not out.stdout, (args, out.stderr)
+    out = stax("token", "--key", str(tmp_path / "missing"), "--env", "a")
+    assert out.returncode == 2 and "cannot read" in out.stderr and "Errno" not in out.stderr
 
 
 def test_resolve_explains_in_text():
