@@ -9,7 +9,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
-from resolver.validate import excerpt
+from resolver.validate import NAME_RE, excerpt, valid_name
 
 
 @dataclass
@@ -82,7 +82,7 @@ _HELP = {
     "context_policy": "which env context the edge honours: open | allow-list | signed",
     "context_allow": "allow-list policy: envs clients may ask for (comma-separated)",
     "env_token_key": "file with the HMAC key of signed env tokens (signed policy, private envs)",
-    "trusted_proxies": "peer IPs whose X-Forwarded-* headers are kept (comma-separated)",
+    "trusted_proxies": "peer IPs or networks (10.0.0.0/8) whose X-Forwarded-* headers are kept (comma-separated)",
     "env": "sidecar: this instance's env (and the env of requests with no context)",
     "service": "sidecar: the service this sidecar fronts",
     "app": "sidecar: HOST:PORT of the local app",
@@ -169,13 +169,21 @@ def config_from_args(args: argparse.Namespace, mode: str, environ: dict | None =
         if value is None and name in file_values:
             value = file_values[name]
         if value is not None:
-            if isinstance(getattr(cfg, name), list) and isinstance(value, str):
-                value = [v for v in value.split(",") if v]
+            if isinstance(getattr(cfg, name), list):  # repeated, comma-separated or both
+                value = _split_list(value)
             setattr(cfg, name, value)
     if cfg.otel_traces_exporter is None and environ.get("OTEL_TRACES_EXPORTER"):
         cfg.otel_traces_exporter = environ["OTEL_TRACES_EXPORTER"]
     _validate(cfg)
     return cfg
+
+
+def _split_list(value):
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return value  # _check_settings names the problem
+    return [v.strip() for item in value for v in item.split(",") if v.strip()]
 
 
 def _coerce(raw: str, default, name: str):
@@ -243,11 +251,49 @@ def _validate(cfg: ProxyConfig) -> None:
                 raise ValueError(f"--{name} is required for a sidecar")
     for spec in cfg.route_prefix:
         prefix, sep, svc = spec.partition("=")
-        if not sep or not prefix.startswith("/") or not svc:
-            raise ValueError(f"--route-prefix {spec!r}: want /PATH=SERVICE")
+        if not sep or not prefix.startswith("/") or not valid_name(svc):
+            raise ValueError(f"--route-prefix {spec!r}: want /PATH=SERVICE (a service name is {_NAME})")
+    names = [("--default-env", cfg.default_env), *(("--context-allow", e) for e in cfg.context_allow)]
+    if cfg.mode == "sidecar":
+        names += [("--env", cfg.env), ("--service", cfg.service)]
+    for flag, name in names:
+        if name is not None and not valid_name(name):  # could never match a graph's name
+            raise ValueError(f"{flag} {excerpt(name)} is not a valid name ({_NAME})")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     if cfg.context_policy == "allow-list" and not cfg.context_allow:
         raise ValueError("--context-policy allow-list needs --context-allow E1,E2")
     if cfg.context_policy == "signed" and not cfg.env_token_key:
         raise ValueError("--context-policy signed needs --env-token-key FILE")
+    _check_files(cfg)
+
+
+_NAME = NAME_RE.pattern
+
+
+def edge_tls(cfg: ProxyConfig):
+    """The gateway's server-side TLS context, or None."""
+    if not cfg.tls_cert:
+        return None
+    import ssl
+
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    return tls
+
+
+def _check_files(cfg: ProxyConfig) -> None:
+    """Load what the proxy loads at start (certificates, CA bundle, token key, trusted
+    networks), so a bad one is a usage error naming its flag, and --check-config finds it."""
+    from .stages.policy import load_key
+    from .stages.sanitize import TrustedPeers
+    from .upstream_pool import make_ssl_context
+
+    TrustedPeers(cfg.trusted_proxies)
+    for what, load in ((f"--tls-cert {cfg.tls_cert} / --tls-key {cfg.tls_key}", lambda: edge_tls(cfg)),
+                       (f"--upstream-ca {cfg.upstream_ca}", lambda: make_ssl_context(cfg.upstream_ca)),
+                       (f"--env-token-key {cfg.env_token_key}", lambda: load_key(cfg.env_token_key))):
+        try:
+            load()
+        except OSError as exc:  # ssl.SSLError included
+            raise ValueError(f"{what}: cannot load it: {exc.strerror or exc}") from None

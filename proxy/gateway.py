@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import ssl
-
-from .config import ProxyConfig
+from .config import ProxyConfig, edge_tls
 from .runtime import Listener, Runtime
 from .stages.context import gateway_fallback, make_context
 from .stages.policy import load_key, make_policy
 from .stages.route import make_gateway_route
-from .stages.sanitize import make_sanitize
+from .stages.sanitize import TrustedPeers, make_sanitize
 
 
 def build_gateway(rt: Runtime) -> list[tuple[Listener, str]]:
@@ -25,20 +23,12 @@ def build_gateway(rt: Runtime) -> list[tuple[Listener, str]]:
         prefixes.append((prefix.encode(), service))
     stages = [
         make_sanitize(max_header_count=cfg.max_header_count, strip_internal=True,
-                      trusted_peers=frozenset(cfg.trusted_proxies)),
+                      trusted_peers=TrustedPeers(cfg.trusted_proxies)),
         make_context(max_hops=cfg.max_hops, max_baggage_bytes=cfg.max_baggage_bytes,
                      max_baggage_members=cfg.max_baggage_members, default_env=default_env,
                      fallback=gateway_fallback(host_suffix=(cfg.env_host_suffix or "").encode() or None)),
-        make_policy(cell, policy=cfg.context_policy, allow=frozenset(_split_list(cfg.context_allow)),
+        make_policy(cell, policy=cfg.context_policy, allow=frozenset(cfg.context_allow),
                     key=load_key(cfg.env_token_key), default_env=default_env),
         make_gateway_route(cell, prefixes),
     ]
-    tls = None
-    if cfg.tls_cert:
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    return [(Listener(rt, "gateway", stages, tls=tls), cfg.listen)]
-
-
-def _split_list(values: list[str]) -> list[str]:
-    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+    return [(Listener(rt, "gateway", stages, tls=edge_tls(cfg)), cfg.listen)]

@@ -8,7 +8,7 @@ from .config import ProxyConfig
 from .runtime import Listener, Runtime
 from .stages.context import make_context
 from .stages.route import make_egress_route, make_ingress_route
-from .stages.sanitize import make_sanitize
+from .stages.sanitize import TrustedPeers, make_sanitize
 
 
 def build_sidecar(rt: Runtime) -> list[tuple[Listener, str]]:
@@ -25,7 +25,7 @@ def build_sidecar(rt: Runtime) -> list[tuple[Listener, str]]:
 
     def sanitize():
         return make_sanitize(max_header_count=cfg.max_header_count, strip_internal=False,
-                             trusted_peers=frozenset())
+                             trusted_peers=TrustedPeers())
 
     app = parse_endpoint(cfg.app)
     ingress = [sanitize(), context(),

@@ -6,10 +6,12 @@ one unambiguous body framing or a 400.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from resolver.errors import BadRequest, HeadersTooLarge, MethodNotAllowed
 
+from ..memo import remember
 from ..request import HOP_BY_HOP, Request
 from .path import normalize_path
 
@@ -27,7 +29,34 @@ _NOT_DROPPABLE = frozenset({b"close", b"keep-alive", b"upgrade", b"host"})
 _MAY_NEED_NORMALIZING = re.compile(rb"/\.|//|%").search  # one scan instead of three `in` tests
 
 
-def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers: frozenset,
+class TrustedPeers:
+    """Peers whose X-Forwarded-* headers are kept: addresses and networks (`10.0.0.0/8`).
+    `peer in trusted` is asked only of requests that carry those headers."""
+
+    def __init__(self, specs=()) -> None:
+        networks = []
+        for spec in specs:
+            try:
+                networks.append(ipaddress.ip_network(spec, strict=False))
+            except ValueError:
+                raise ValueError(f"--trusted-proxies: {spec!r} is not an IP address or network") from None
+        self.networks = tuple(networks)
+        self._seen: dict[str, bool] = {}  # client addresses: bounded (proxy.memo)
+
+    def __contains__(self, peer: str) -> bool:
+        hit = self._seen.get(peer)
+        if hit is None:
+            try:
+                ip = ipaddress.ip_address(peer)
+            except ValueError:
+                hit = False
+            else:
+                hit = any(ip in net for net in self.networks)
+            remember(self._seen, peer, hit)
+        return hit
+
+
+def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers: TrustedPeers,
                   allow_connect: bool = False):
     def sanitize(req: Request) -> None:
         headers = req.headers
@@ -112,7 +141,7 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
     return sanitize
 
 
-def _strip_untrusted(req: Request, trusted_peers: frozenset) -> None:
+def _strip_untrusted(req: Request, trusted_peers: TrustedPeers) -> None:
     """Edge only: clients may not set stax's internal headers (env and hops excepted), and
     X-Forwarded-* only from a trusted proxy."""
     trusted = req.peer in trusted_peers
@@ -127,4 +156,4 @@ def _strip_untrusted(req: Request, trusted_peers: frozenset) -> None:
         req.h_xff = req.h_xfp = None
 
 
-__all__ = ["make_sanitize", "HOP_BY_HOP"]
+__all__ = ["make_sanitize", "HOP_BY_HOP", "TrustedPeers"]

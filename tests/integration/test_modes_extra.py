@@ -130,6 +130,27 @@ def test_config_rejects_what_cannot_work(tmp_path):
         f.write_text("graph: g\n" + text)
         with pytest.raises(ValueError, match=re.escape(why)):
             parse(["--config", str(f)], {})
+    # names that could never match a graph's, networks that do not parse, files that do not load
+    key = tmp_path / "short.key"
+    key.write_text("short")
+    for argv, why in [
+        (["--route-prefix", "/p=Bad_Svc"], "--route-prefix '/p=Bad_Svc': want /PATH=SERVICE"),
+        (["--default-env", "Team_A"], "--default-env 'Team_A' is not a valid name"),
+        (["--context-policy", "allow-list", "--context-allow", "ok,Not_OK"], "--context-allow 'Not_OK' is not a valid name"),
+        (["--trusted-proxies", "10.0.0.9,999.1.1.1"], "--trusted-proxies: '999.1.1.1' is not an IP address or network"),
+        (["--tls-cert", str(tmp_path / "no.pem"), "--tls-key", str(tmp_path / "no.key")], "cannot load it: No such file"),
+        (["--tls-cert", str(key), "--tls-key", str(key)], "cannot load it: [SSL]"),
+        (["--upstream-ca", str(key)], f"--upstream-ca {key}: cannot load it"),
+        (["--env-token-key", str(tmp_path / "none")], "cannot load it: No such file"),
+        (["--env-token-key", str(key)], "env token key must be at least 16 bytes"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(why)):
+            parse(["--graph", "g", *argv], {})
+    with pytest.raises(ValueError, match=re.escape("--env 'Team_A' is not a valid name")):
+        parse(["--graph", "g", "--env", "Team_A", "--service", "web", "--app", "127.0.0.1:1"], {}, mode="sidecar")
+    # a list setting is repeated, comma-separated or both, from a flag as from the environment
+    cfg = parse(["--graph", "g", "--trusted-proxies", "10.0.0.9, 10.1.0.0/16", "--trusted-proxies", "::1"], {})
+    assert cfg.trusted_proxies == ["10.0.0.9", "10.1.0.0/16", "::1"]
     # where 0 means none or at once, it is allowed
     cfg = parse(["--graph", "g"], {"STAX_POOL_MAX_IDLE": "0", "STAX_DRAIN_TIMEOUT": "0"})
     assert (cfg.pool_max_idle, cfg.drain_timeout) == (0, 0.0)

@@ -134,10 +134,11 @@ async def test_internal_headers_stripped_and_forwarded_trust(edge):
     assert h["x-forwarded-for"] == "127.0.0.1" and h["x-forwarded-proto"] == "http"
 
 
-async def test_trusted_proxy_keeps_forwarded_headers(tmp_path, upstreams, proxies):
+@pytest.mark.parametrize("trusted", [["127.0.0.1"], ["10.0.0.0/8", "127.0.0.0/8"]])
+async def test_trusted_proxy_keeps_forwarded_headers(tmp_path, upstreams, proxies, trusted):
     (web,) = await upstreams("web")
     path = write_graph(tmp_path / "g.yaml", {"baseline": "b", "envs": {"b": {"services": {"web": {"endpoints": [web.addr]}}}}})
-    rt = await proxies("gateway", graph=path, trusted_proxies=["127.0.0.1"])
+    rt = await proxies("gateway", graph=path, trusted_proxies=trusted)
     await raw_request(port_of(rt, "gateway"), b"GET / HTTP/1.1\r\nHost: web\r\nx-forwarded-for: 6.6.6.6\r\n"
                       b"x-forwarded-proto: https\r\nConnection: close\r\n\r\n")
     h = web.seen[-1]["headers"]
