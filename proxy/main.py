@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from .config import ProxyConfig
 from .runtime import Runtime
@@ -47,8 +48,28 @@ def tune_process() -> None:
     mallopt(m_trim_threshold, 8 << 20)
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Every proxied request holds two sockets, and a container's soft open-file limit is
+    often 1,024: raise it to the hard limit (at most 2^20), as Go's runtime and nginx's
+    worker_rlimit_nofile do. Returns (before, after)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else min(hard, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, target
+
+
 def run(cfg: ProxyConfig) -> None:
     tune_process()
+    before, after = raise_fd_limit()
+    if after != before:
+        logging.getLogger("stax.proxy").info("open-file limit raised from %d to %d", before, after)
     try:
         import uvloop
     except ImportError:  # pragma: no cover

@@ -165,13 +165,16 @@ async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0) -> b
     return b"".join(chunks)
 
 
-def gateway_process(graph, *extra: str, env: dict | None = None) -> tuple[subprocess.Popen, int, int]:
+def gateway_process(graph, *extra: str, env: dict | None = None,
+                    preexec=None) -> tuple[subprocess.Popen, int, int]:
     """`stax gateway` as a real process on free ports (for signals and exit codes): (process,
-    listen port, admin port). Await wait_ready(admin, process) before using it."""
+    listen port, admin port). Await wait_ready(admin, process) before using it. `preexec`:
+    run in the child before it starts (e.g. to lower a resource limit)."""
     port, admin = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "control.cli", "gateway", "--graph", str(graph),
                              "--listen", f"127.0.0.1:{port}", "--admin", f"127.0.0.1:{admin}",
-                             "--log-level", "warning", *extra], env=env, stderr=subprocess.PIPE)
+                             "--log-level", "warning", *extra], env=env, stderr=subprocess.PIPE,
+                            preexec_fn=preexec)
     return proc, port, admin
 
 

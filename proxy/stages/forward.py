@@ -9,9 +9,11 @@ the request body is buffered whole (<= 64 KiB), within the retry budget.
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 
 from resolver.errors import (
+    Overloaded,
     RequestTimeout,
     StaxError,
     UpstreamBadResponse,
@@ -25,6 +27,7 @@ from ..request import IDEMPOTENT, Request
 from .context import context_lines
 
 BODY_RETRY_LIMIT = 64 * 1024
+_LOCAL_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
 _NO_BODY_STATUS = frozenset({101, 204, 304})
 _CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
 _HOPS_LINES = tuple(b"\r\nx-stax-hops: %d\r\n" % n for n in range(64))  # ends the traceparent line
@@ -140,7 +143,13 @@ class Exchange:
             return
         except (OSError, TimeoutError) as exc:
             self.connecting = None
-            if not self.done:
+            if self.done:
+                return
+            if getattr(exc, "errno", None) in _LOCAL_EXHAUSTION:
+                # stax's own limits (open files, ports, memory), not the endpoint's fault: no
+                # ejection, no retry (it would fail the same), and the status says overloaded
+                self._fail(Overloaded(f"connect to {ep} failed: {_reason(exc)} (stax is out of local resources)"))
+            else:
                 self._attempt_failed(UpstreamUnavailable(f"connect to {ep} failed: {_reason(exc)}"), None)
             return
         self.connecting = None

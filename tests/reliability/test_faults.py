@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 
 import aiohttp
 import pytest
 
 from resolver.sources.redis_store import RedisStore
-from tests.servers import port_of, raw_request, write_graph
+from tests.servers import gateway_process, port_of, raw_request, wait_ready, write_graph
 
 pytestmark = pytest.mark.asyncio
 
@@ -147,6 +148,66 @@ async def test_reset_before_response_is_502_unavailable(tmp_path, proxies):
             assert r.status == 502 and r.headers["x-stax-error"] == "upstream_unavailable"
     assert state["conns"] == 2  # one retry (GET), then the error
     server.close()
+
+
+async def test_out_of_file_descriptors_is_503_and_ejects_no_endpoint(tmp_path, upstreams):
+    """A proxy at its open-file limit cannot connect upstream. That is its own state, not the
+    endpoints': 503 overloaded, no retry, no ejection, and it serves again once files free."""
+    a, b = await upstreams("a", "b")
+    graph = write_graph(tmp_path / "g.yaml", {"baseline": "b", "envs": {
+        "b": {"services": {"svc": {"endpoints": [a.addr, b.addr]}}}}})
+
+    def low_fd_limit():  # a hard limit: the proxy cannot raise it
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    proc, port, admin = gateway_process(graph, preexec=low_fd_limit)
+    try:
+        await wait_ready(admin, proc)
+        held = []
+        for _ in range(90):  # more client connections than the proxy has descriptors for
+            held.append(await asyncio.open_connection("127.0.0.1", port))
+        await asyncio.sleep(0.3)
+        statuses = []
+        for reader, writer in held:
+            try:
+                writer.write(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                statuses.append(head.split(b"\r\n")[0] + (b" overloaded" if b"x-stax-error: overloaded" in head else b""))
+            except (asyncio.IncompleteReadError, ConnectionError):
+                statuses.append(b"closed")  # one the proxy could not accept
+        for _, writer in held:
+            writer.transport.abort()
+        assert b"HTTP/1.1 503 Service Unavailable overloaded" in statuses, statuses
+        assert not any(s.startswith(b"HTTP/1.1 502") for s in statuses), statuses
+        await asyncio.sleep(0.3)
+        async with aiohttp.ClientSession() as s:
+            for _ in range(4):  # both endpoints serve again: neither was ejected
+                async with s.get(f"http://127.0.0.1:{port}/", headers={"Host": "svc"}) as r:
+                    assert r.status == 200
+            async with s.get(f"http://127.0.0.1:{admin}/metrics") as r:
+                metrics = await r.text()
+        assert 'stax_endpoint_ejected{service="svc"} 1' not in metrics
+        assert a.seen and b.seen
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_the_soft_open_file_limit_is_raised_to_the_hard_one(tmp_path, upstreams):
+    (a,) = await upstreams("a")
+    graph = write_graph(tmp_path / "g.yaml", {"baseline": "b", "envs": {"b": {"services": {"svc": {"endpoints": [a.addr]}}}}})
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    want = min(hard, 1 << 20) if hard != resource.RLIM_INFINITY else 1 << 20
+    proc, port, admin = gateway_process(graph, preexec=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)))
+    try:
+        await wait_ready(admin, proc)
+        with open(f"/proc/{proc.pid}/limits") as f:
+            soft = next(line.split()[3] for line in f if line.startswith("Max open files"))
+        assert int(soft) == want
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def open_fds() -> int:
