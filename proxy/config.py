@@ -38,6 +38,7 @@ class ProxyConfig:
     # limits and timeouts
     max_hops: int = 32
     max_head_bytes: int = 32 * 1024
+    max_response_head_bytes: int = 64 * 1024
     max_header_count: int = 100
     max_baggage_bytes: int = 8192
     max_baggage_members: int = 64
@@ -89,6 +90,7 @@ _HELP = {
     "egress": "sidecar: HOST:PORT for the app's outbound calls",
     "max_hops": "stax hops before 508 loop_detected",
     "max_head_bytes": "largest request head (431 beyond)",
+    "max_response_head_bytes": "largest upstream response head (502 upstream_bad_response beyond)",
     "max_header_count": "most header fields (431 beyond)",
     "max_baggage_bytes": "largest baggage header (431 beyond)",
     "max_baggage_members": "most baggage members (431 beyond)",

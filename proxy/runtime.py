@@ -93,7 +93,8 @@ class Runtime:
         self.pool = UpstreamPool(max_idle_per_endpoint=config.pool_max_idle,
                                  idle_timeout=config.pool_idle_timeout,
                                  connect_timeout=config.connect_timeout,
-                                 ssl_context=make_ssl_context(config.upstream_ca))
+                                 ssl_context=make_ssl_context(config.upstream_ca),
+                                 max_head_bytes=config.max_response_head_bytes)
         self.health = EndpointHealth(consecutive_failures=config.outlier_failures,
                                      base_ejection_s=config.outlier_ejection)
         self.budget = RetryBudget()

@@ -15,8 +15,10 @@ from .upstream_protocol import UpstreamConnection
 
 class UpstreamPool:
     def __init__(self, *, max_idle_per_endpoint: int = 128, idle_timeout: float = 60.0,
-                 connect_timeout: float = 5.0, ssl_context: _ssl.SSLContext | None = None) -> None:
+                 connect_timeout: float = 5.0, ssl_context: _ssl.SSLContext | None = None,
+                 max_head_bytes: int = 64 * 1024) -> None:
         self.max_idle = max_idle_per_endpoint
+        self.max_head_bytes = max_head_bytes  # largest response head its connections accept
         self.idle_timeout = idle_timeout
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context

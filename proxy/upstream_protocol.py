@@ -19,7 +19,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "key", "transport", "parser", "exchange", "closed", "idle", "idle_since",
         "lines", "special", "status", "interim", "no_body", "reset_parser", "uses", "head_done",
-        "eof_body", "tunnel", "length",
+        "eof_body", "tunnel", "length", "head_bytes",
     )
 
     def __init__(self, pool, key: str) -> None:
@@ -42,6 +42,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reset_parser = False
         self.uses = 0
         self.head_done = False
+        self.head_bytes = 0  # read while the response head was incomplete (bounded)
         self.eof_body = False
         self.tunnel = None  # after a 101: the Exchange relaying raw bytes both ways
 
@@ -58,6 +59,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.length = None
         self.no_body = no_body
         self.head_done = self.eof_body = False
+        self.head_bytes = 0
         self.uses += 1
         self.transport.write(data)
 
@@ -96,6 +98,14 @@ class UpstreamConnection(asyncio.Protocol):
                 client.flush()
             else:
                 client.wbuf = None
+        if not self.head_done and self.exchange is ex:
+            # llhttp keeps what a head has so far: bound what an upstream can make us hold
+            self.head_bytes += len(data)
+            if self.head_bytes > self.pool.max_head_bytes:
+                self.closed = True
+                ex.upstream_failed(UpstreamBadResponse(
+                    f"response head over {self.pool.max_head_bytes} bytes"), self)
+                return
         if self.reset_parser:
             self.reset_parser = False
             self.parser = HttpResponseParser(self)

@@ -89,6 +89,21 @@ async def test_bytes_after_a_response_never_reach_the_next_request(tmp_path, pro
     server.close()
 
 
+async def test_an_endless_response_head_is_cut_off(tmp_path, proxies):
+    """llhttp keeps a head until it completes: past --max-response-head-bytes (64 KiB) the
+    upstream's response is refused, rather than held in memory until the timeout."""
+    head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-h%d: %s\r\n" % (i, b"v" * 1000) for i in range(300))
+    server, addr, _ = await raw_upstream(head, close="stall")
+    rt, url = await gw_for(proxies, tmp_path, addr, **{"svc.retries": 0, "svc.timeout_ms": 60000})
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+        async with s.get(url, headers={"Host": "svc"}) as r:
+            body = await r.json()
+            assert r.status == 502 and body["error"] == "upstream_bad_response"
+            assert "response head over 65536 bytes" in body["message"]
+    assert rt.pool.idle_count == 0
+    server.close()
+
+
 async def test_response_hop_by_hop_headers_are_dropped(tmp_path, proxies):
     """Hop-by-hop response headers, and the ones the upstream's Connection names, never reach
     the client; end-to-end ones arrive unchanged, in order, with stax's x-stax-route."""
