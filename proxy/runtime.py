@@ -67,7 +67,8 @@ class Listener:
                 "message": err.message, "peer": peer,
                 "method": req.method.decode("latin-1") if req else None,
                 "path": req.path.decode("latin-1")[:200] if req else None,
-                "env": req.env if req else None, "service": req.service if req else None,
+                "env": req.env if req else None,
+                "service": req.service[:200] if req and req.service else None,  # from Host: any text
             })
 
     def log_exception(self, what: str, exc: BaseException) -> None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import re
 
-from resolver.errors import MisdirectedRequest, NoGraph, NoProvider, NoRoute
+from resolver.errors import BadRequest, MisdirectedRequest, NoGraph, NoProvider, NoRoute
 from resolver.layered_config import route_settings
 from resolver.model import Endpoint
 from resolver.snapshot import shared_route
 from resolver.sync import SnapshotCell
-from resolver.validate import NAME_RE
+from resolver.validate import NAME_RE, excerpt
 
 from ..memo import remember
 from ..request import Request
@@ -73,6 +73,8 @@ def _route_by_host(cell: SnapshotCell, req: Request, missing: str) -> None:
     if service is None:
         service = service_from_host(req.host)
         if service is None:
+            if req.host:  # there is one, and it names nothing (RFC 9112 3.2: 400)
+                raise BadRequest(f"invalid Host header {excerpt(req.host)}")
             raise NoRoute(missing)
     _resolve(cell, req, service)
 

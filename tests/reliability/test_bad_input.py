@@ -4,6 +4,7 @@ upstream that should not, the proxy keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import aiohttp
 import pytest
@@ -43,6 +44,9 @@ async def still_serves(edge) -> None:
     # a coding besides chunked: forwarding the body re-framed would drop the gzip
     (b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", 400),
     (b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    # a Host that is there and names nothing is invalid, not missing (RFC 9112 3.2)
+    (b"GET / HTTP/1.1\r\nHost: \xff\xfe\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: :80\r\n\r\n", 400),
 ])
 async def test_malformed_requests(edge, raw, status):
     out = await raw_request(edge["port"], raw, read_timeout=2)
@@ -50,6 +54,15 @@ async def test_malformed_requests(edge, raw, status):
     assert b"x-stax-error:" in out
     assert edge["web"].seen == []
     await still_serves(edge)
+
+
+async def test_error_log_lines_stay_short_whatever_the_client_sends(edge, caplog):
+    with caplog.at_level(logging.INFO, logger="stax.proxy"):
+        out = await raw_request(edge["port"], b"GET /" + b"p" * 12000 + b" HTTP/1.1\r\nHost: " + b"h" * 12000 +
+                                b"\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 404")
+    errors = [r.msg for r in caplog.records if isinstance(r.msg, dict) and r.msg.get("event") == "error"]
+    assert errors and all(len(str(e)) < 1000 for e in errors), [len(str(e)) for e in errors]
 
 
 @pytest.mark.parametrize("attack", [
