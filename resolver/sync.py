@@ -53,6 +53,7 @@ class SnapshotCell:
     def publish(self, snapshot: Snapshot) -> None:
         self.current = snapshot
         self.confirm()
+        self.last_error = ""  # a newer graph landed: whatever failed before is behind it
         # A snapshot lives until the next one: keep the collector from walking it again and
         # again (full collections of a 10,000-env graph cost ~100 ms each on the loop).
         gc.freeze()

@@ -85,6 +85,7 @@ async def test_broken_big_file_is_rejected_whole_and_the_next_change_lands(sourc
         await asyncio.sleep(0.05)
     assert cell.rejected_total == 2 and cell.version == 1 and "nowhere" in cell.last_error
     await change(src, cell, path, doc, 7)  # decoded here ("full"), then deltas again
+    assert cell.last_error == ""  # a newer graph landed: /readyz no longer shows the old error
     await change(src, cell, path, doc, 8)
     assert src.helper_deltas >= 1
 
