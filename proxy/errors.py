@@ -24,7 +24,8 @@ def status_line(status: int) -> bytes:
     return line
 
 
-def error_response(exc: StaxError, *, route_header: bytes | None, close: bool, head_only: bool) -> bytes:
+def error_response(exc: StaxError, *, route_header: bytes | None, close: bool, head_only: bool,
+                   keep_alive: bool = False) -> bytes:
     """Serialize `{"error": CODE, "message": TEXT}` with `x-stax-error: CODE`."""
     body = orjson.dumps({"error": exc.code, "message": exc.message})
     parts = [
@@ -36,6 +37,8 @@ def error_response(exc: StaxError, *, route_header: bytes | None, close: bool, h
         parts.append(b"x-stax-route: " + route_header + b"\r\n")
     if close:
         parts.append(b"connection: close\r\n")
+    elif keep_alive:  # asked for: say it back (an HTTP/1.0 client needs it)
+        parts.append(b"connection: keep-alive\r\n")
     parts.append(b"\r\n")
     if not head_only:
         parts.append(body)

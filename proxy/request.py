@@ -26,7 +26,7 @@ class Request:
         "env", "service", "route", "hops", "trace_id", "parent_id", "span_id", "trace_flags",
         "baggage", "context_lines", "started", "host", "expect_continue", "hop_names",
         "h_baggage", "h_env", "h_traceparent", "h_hops", "h_cookie", "h_xff", "h_xfp",
-        "span",
+        "span", "echo_keep_alive",
     )
 
     def __init__(self, method: bytes, target: bytes, version: str | None, headers: list,
@@ -64,6 +64,9 @@ class Request:
         self.h_xff: bytes | None = None
         self.h_xfp: bytes | None = None
         self.span = None  # OpenTelemetry server span, only when tracing is configured
+        # `Connection: keep-alive` asked: the response says it back, as an HTTP/1.0 client
+        # needs to keep the connection (RFC 9112 C.2.2)
+        self.echo_keep_alive = False
 
     def __repr__(self) -> str:
         return (f"<Request {self.method.decode()} {self.path.decode('latin-1')} "

@@ -322,7 +322,8 @@ class ClientConnection(asyncio.Protocol):
         srv.stats.error(err.code)
         close = close or self.close_after or srv.draining
         head_only = req is not None and req.method == b"HEAD"
-        self.write(error_response(err, route_header=route_header, close=close, head_only=head_only))
+        self.write(error_response(err, route_header=route_header, close=close, head_only=head_only,
+                                  keep_alive=req is not None and req.echo_keep_alive))
         srv.log_error(req, err, self.peer)
         if close:
             self.close()

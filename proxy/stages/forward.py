@@ -313,6 +313,8 @@ class Exchange:
         if status != 101 and (client.close_after or not req.keep_alive):  # drain sets close_after
             client.close_after = True
             out.append(b"connection: close\r\n")
+        elif req.echo_keep_alive:
+            out.append(b"connection: keep-alive\r\n")
         out.append(b"\r\n")
         self.responded = True
         client.wbuf.extend(out)  # response callbacks run inside the upstream read: coalesced

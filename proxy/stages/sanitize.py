@@ -103,6 +103,8 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
             elif kind == _CONNECTION:
                 tokens = {t.strip().lower() for t in value.split(b",")} - {b""}
                 conn_upgrade = conn_upgrade or b"upgrade" in tokens
+                if b"keep-alive" in tokens:
+                    req.echo_keep_alive = True
                 # Host stays whatever Connection names: HTTP/1.1 requires it upstream
                 named = tokens - _NOT_DROPPABLE
                 if named:

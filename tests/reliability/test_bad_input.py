@@ -110,6 +110,24 @@ async def test_pipelined_requests_keep_their_own_http_version(edge):
     assert third.endswith(b"\r\n\r\nxxxxx")
 
 
+async def test_http10_keep_alive_is_said_back(edge):
+    """An HTTP/1.0 client keeps its connection only if the response says keep-alive
+    (RFC 9112 C.2.2): forwarded responses and stax's own errors both say it."""
+    ka = b"GET /%s HTTP/1.0\r\nHost: %s\r\nConnection: keep-alive\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge["port"])
+    try:
+        for path, host, status in ((b"a", b"web", b"200"), (b"b", b"nope", b"404"), (b"c", b"web", b"200")):
+            writer.write(ka % (path, host))  # the same connection: it was kept
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 " + status) and b"\r\nconnection: keep-alive\r\n" in head, head
+            length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+    finally:
+        writer.close()
+    out = await raw_request(edge["port"], b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")  # no keep-alive asked
+    assert b"connection: close" in out and b"keep-alive" not in out
+
+
 async def test_path_normalized_before_prefix_routing(edge):
     # /web/../api/x must route as /api/x (to api), and the normalized path goes upstream
     out = await raw_request(edge["port"], b"GET /web/../api/x/./y HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
