@@ -87,11 +87,18 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
-            ex.on_upgrade(self, data[exc.args[0]:] if exc.args else b"")
+            if self.exchange is ex:
+                ex.on_upgrade(self, data[exc.args[0]:] if exc.args else b"")
+            elif self.idle:  # released during this read: bytes past its response
+                self.pool.discard(self)
             return
         except HttpParserError as exc:
-            self.closed = True
-            ex.upstream_failed(UpstreamBadResponse(f"malformed upstream response: {exc}"), self)
+            if self.exchange is ex:
+                self.closed = True
+                ex.upstream_failed(UpstreamBadResponse(f"malformed upstream response: {exc}"), self)
+            elif self.idle:  # released during this read, then bytes past its response
+                self.pool.discard(self)
+            # else: already discarded while this read was parsed (ex refused the response)
             return
         finally:
             if not client.closed:
@@ -156,10 +163,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.length = None
             return
         self.head_done = True
-        self.exchange.on_response_head(self, status, self.lines, self.special)
-        if self.no_body:
+        ex = self.exchange
+        ex.on_response_head(self, status, self.lines, self.special)
+        if self.no_body and self.exchange is ex:  # (not when ex refused the head)
             self.reset_parser = True  # llhttp would wait for the body a HEAD response lacks
-            self.exchange.on_response_complete(self, self.parser.should_keep_alive())
+            ex.on_response_complete(self, self.parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
         if not self.no_body:

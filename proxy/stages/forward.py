@@ -249,6 +249,9 @@ class Exchange:
         if self.timer_on:
             self.timer_on = False
             self.fw.deadlines.waiting.pop(self, None)
+        if status == 101 and self.req.upgrade is None:  # refused before a byte reaches the client
+            self.upstream_failed(UpstreamBadResponse("upstream switched protocols unasked"), conn)
+            return
         self.status = status
         if self.fw.health.state:  # some endpoint has failed: a success resets its count
             self.fw.health.success(self.endpoint)

@@ -104,6 +104,23 @@ async def test_an_endless_response_head_is_cut_off(tmp_path, proxies):
     server.close()
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+async def test_an_unasked_101_never_reaches_the_client(tmp_path, proxies, method):
+    """A 101 to a request that asked no Upgrade is a bad response: refused before its head
+    is written (the client got the 101, then a reset), retried like one, and the connection
+    is dropped once (the pool's count of active connections stays true)."""
+    server, addr, state = await raw_upstream(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nrest", close="stall")
+    rt, _ = await gw_for(proxies, tmp_path, addr, **{"svc.retries": 1})
+    out = await raw_request(port_of(rt, "gateway"), f"{method} / HTTP/1.1\r\nHost: svc\r\n\r\n".encode(), read_timeout=3)
+    assert out.startswith(b"HTTP/1.1 502") and b"x-stax-error: upstream_bad_response" in out, out
+    assert method == "HEAD" or b"upstream switched protocols unasked" in out
+    assert state["conns"] == 2  # the retry, on a new connection
+    await settle(rt)
+    assert rt.pool.active == 0 and rt.pool.idle_count == 0
+    server.close()
+
+
 async def test_response_hop_by_hop_headers_are_dropped(tmp_path, proxies):
     """Hop-by-hop response headers, and the ones the upstream's Connection names, never reach
     the client; end-to-end ones arrive unchanged, in order, with stax's x-stax-route."""
