@@ -11,7 +11,7 @@ import orjson
 from resolver.errors import GraphInvalid, StaxError, StoreUnavailable, VersionConflict
 from resolver.snapshot import Snapshot
 from resolver.sources.file import load_file
-from resolver.validate import load_document, parse_graph, valid_name
+from resolver.validate import NAME_RE, load_document, parse_graph, valid_name
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFLICT = 0, 1, 2, 3
 
@@ -204,7 +204,7 @@ def cmd_token(args) -> int:
     from proxy.stages.policy import load_key, mint_token
 
     if not valid_name(args.env):  # a token no gateway could ever accept
-        raise _Usage(f"invalid env name {args.env!r} (want [a-z0-9][a-z0-9-]{{0,62}})")
+        raise _Usage(f"invalid env name {args.env!r} (want {NAME_RE.pattern})")
     if args.ttl <= 0:
         raise _Usage(f"--ttl must be above 0 seconds (got {args.ttl})")
     try:
