@@ -291,7 +291,10 @@ def _check_files(cfg: ProxyConfig) -> None:
     from .stages.sanitize import TrustedPeers
     from .upstream_pool import make_ssl_context
 
-    TrustedPeers(cfg.trusted_proxies)
+    try:
+        TrustedPeers(cfg.trusted_proxies)
+    except ValueError as exc:
+        raise ValueError(f"--trusted-proxies: {exc}") from None
     for what, load in ((f"--tls-cert {cfg.tls_cert} / --tls-key {cfg.tls_key}", lambda: edge_tls(cfg)),
                        (f"--upstream-ca {cfg.upstream_ca}", lambda: make_ssl_context(cfg.upstream_ca)),
                        (f"--env-token-key {cfg.env_token_key}", lambda: load_key(cfg.env_token_key))):

@@ -77,10 +77,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.tunnel.upstream_data(data)
             return
         ex = self.exchange
-        if ex is None:  # bytes on an idle connection: the stream is out of sync, drop it
-            self.closed = True
-            self.transport.abort()
-            self.pool.forget(self)
+        if ex is None:  # bytes on an idle connection
+            self._out_of_sync()
             return
         client = ex.client
         client.wbuf = []  # one write to the client for everything this read produces
@@ -89,16 +87,15 @@ class UpstreamConnection(asyncio.Protocol):
         except HttpParserUpgrade as exc:
             if self.exchange is ex:
                 ex.on_upgrade(self, data[exc.args[0]:] if exc.args else b"")
-            elif self.idle:  # released during this read: bytes past its response
-                self.pool.discard(self)
+            else:  # released or dropped during this read, and bytes past its response
+                self._out_of_sync()
             return
         except HttpParserError as exc:
             if self.exchange is ex:
                 self.closed = True
                 ex.upstream_failed(UpstreamBadResponse(f"malformed upstream response: {exc}"), self)
-            elif self.idle:  # released during this read, then bytes past its response
-                self.pool.discard(self)
-            # else: already discarded while this read was parsed (ex refused the response)
+            else:  # released or dropped during this read, and bytes past its response
+                self._out_of_sync()
             return
         finally:
             if not client.closed:
@@ -120,6 +117,13 @@ class UpstreamConnection(asyncio.Protocol):
             ex.need_idle = False
             if not ex.done:
                 ex._arm_idle()
+
+    def _out_of_sync(self) -> None:
+        """Bytes past the response of a connection serving no request: never reuse it."""
+        if self.idle:
+            self.pool.discard(self)  # out of the idle stack too
+        else:
+            self.abort()  # already dropped (discarded) while the read was parsed
 
     def connection_lost(self, exc) -> None:
         self.closed = True

@@ -96,7 +96,7 @@ def parse_endpoint(raw: Any) -> Endpoint:
 
 def _overlay(where: str, service: Any, raw: Any, problems: list[str]) -> Overlay | None:
     if not valid_name(service):
-        problems.append(f"{where}: bad service name {excerpt(service)} (want [a-z0-9][a-z0-9-]{{0,62}})")
+        problems.append(f"{where}: bad service name {excerpt(service)} (want {NAME_RE.pattern})")
         return None
     if isinstance(raw, list):  # shorthand: a bare endpoint list
         raw = {"endpoints": raw}
@@ -309,7 +309,7 @@ def _env(name: Any, raw: Any, baseline: Any, raw_envs: dict, raw_shared: dict,
          problems: list[str]) -> Env | None:
     """One env of the document, validated (problems appended); None when unusable."""
     if not valid_name(name):
-        problems.append(f"bad env name {excerpt(name)} (want [a-z0-9][a-z0-9-]{{0,62}})")
+        problems.append(f"bad env name {excerpt(name)} (want {NAME_RE.pattern})")
         return None
     raw = raw or {}
     if not isinstance(raw, dict):

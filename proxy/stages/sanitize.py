@@ -39,7 +39,7 @@ class TrustedPeers:
             try:
                 networks.append(ipaddress.ip_network(spec, strict=False))
             except ValueError:
-                raise ValueError(f"--trusted-proxies: {spec!r} is not an IP address or network") from None
+                raise ValueError(f"{spec!r} is not an IP address or network") from None
         self.networks = tuple(networks)
         self._seen: dict[str, bool] = {}  # client addresses: bounded (proxy.memo)
 
