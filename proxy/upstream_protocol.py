@@ -51,8 +51,8 @@ class UpstreamConnection(asyncio.Protocol):
         return f"<UpstreamConnection {self.key} {state} uses={self.uses}>"
 
     # -- used by the Exchange ----------------------------------------------------------------
-    def begin(self, exchange, data: bytes, no_body: bool) -> None:
-        """Start a request: `data` is its head (and whatever body is already at hand)."""
+    def begin(self, exchange, no_body: bool) -> None:
+        """Start a request; the exchange writes it."""
         self.exchange = exchange
         self.lines = [b""]
         self.special = []
@@ -61,7 +61,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_done = self.eof_body = False
         self.head_bytes = 0
         self.uses += 1
-        self.transport.write(data)
 
     def abort(self) -> None:
         self.closed = True

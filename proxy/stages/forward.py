@@ -23,6 +23,7 @@ from resolver.errors import (
 
 from ..deadlines import Deadlines
 from ..errors import STATUS_LINES, status_line
+from ..outbox import Outbox
 from ..request import IDEMPOTENT, Request
 from .context import context_lines
 
@@ -46,6 +47,7 @@ class Forwarder:
         self.stats = stats
         self.budget = budget
         self.deadlines = Deadlines(self.loop)
+        self.outbox = Outbox(self.loop)
         self.mode = mode
 
     def record(self, req: Request, status: int, duration: float, endpoint=None) -> None:
@@ -169,12 +171,14 @@ class Exchange:
             if self.body_done and req.chunked:
                 parts.append(b"0\r\n\r\n")
             data = b"".join(parts)
-        conn.begin(self, data, req.method == b"HEAD")
+        conn.begin(self, req.method == b"HEAD")
         if self.body_done:
+            self.fw.outbox.send(conn.transport, data)  # a whole request: sent at the end of the round
             # timeout_ms runs from the request fully sent to the response head received
             self.timer_on = True
             self.fw.deadlines.add(self, self.route.timeout_s)
         else:
+            conn.transport.write(data)  # the body follows on this transport: no holding back
             if self.body_streamed:
                 self.body = None  # flushed; too big to keep for a retry
                 self.client.resume_reading("body")
