@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+LONG_BODY = 1 << 20
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # Never forwarded (RFC 9110 7.6.1), plus what stax rewrites itself on every hop.
@@ -84,3 +85,8 @@ class Request:
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
+
+    @property
+    def long_body(self) -> bool:
+        """Chunked or over 1 MiB: left unread, not worth reading only to keep the connection."""
+        return self.chunked or (self.content_length or 0) > LONG_BODY

@@ -18,6 +18,10 @@ from resolver.errors import BadRequest, HeadersTooLarge, RequestTimeout, StaxErr
 from .errors import error_response, rescue
 from .request import Request
 
+# How long a connection closed with a request body still coming discards what the client
+# sends before closing for good (nginx's lingering_timeout is 5 s too).
+LINGER_S = 5.0
+
 
 class _Queued:
     __slots__ = ("req", "chunks", "complete")
@@ -55,6 +59,7 @@ class ClientConnection(asyncio.Protocol):
         self.wbuf: list[bytes] | None = None
         self.deferred_error: StaxError | None = None
         self.eof = False  # the client half-closed: close once its requests are answered
+        self.lingering = False  # closed, FIN sent, discarding a body until the client closes
         cfg = runtime.config  # read on every request: kept at hand
         self.header_timeout = cfg.header_timeout
         self.keepalive_timeout = cfg.keepalive_timeout
@@ -136,6 +141,8 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """A client that half-closes after its requests still gets the responses."""
         self.eof = True
+        if self.closed:
+            return None  # lingering: the client is done sending; close now
         if self.tunnel is not None:
             conn = self.tunnel.conn
             if conn is not None and conn.transport.can_write_eof():
@@ -186,10 +193,23 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.transport.write(b"".join(buf))
 
-    def close(self) -> None:
+    def close(self, linger: bool = False) -> None:
+        """`linger`: the client may still be sending a body stax will not read. Closing at
+        once would answer its next bytes with a reset, and a reset can destroy the response
+        before the client has read it. So: send everything, then FIN, and discard what
+        arrives until the client closes or LINGER_S pass (a lingering close, as nginx does)."""
         self.flush()
         self.closed = True
-        self.transport.close()
+        transport = self.transport
+        if linger and not self.lingering and not self.eof and transport.can_write_eof():
+            self.lingering = True
+            transport.write_eof()
+            if self.paused:
+                self.paused.clear()
+                transport.resume_reading()  # data_received drops what comes: self.closed
+            self.deadline = time.monotonic() + LINGER_S
+            return
+        transport.close()
 
     def abort(self) -> None:
         self.closed = True
@@ -300,7 +320,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _reject(self, req: Request, err: StaxError, chunks, complete: bool) -> None:
         body_pending = req.has_body and not (chunks is not None and complete)
-        if body_pending and (req.content_length or 0) > 1 << 20 or req.chunked and body_pending:
+        if body_pending and req.long_body:
             close = True  # not worth reading a large or unbounded body just to keep the connection
         else:
             # a head we could not make sense of: framing may be ambiguous too, so do not reuse
@@ -312,12 +332,14 @@ class ClientConnection(asyncio.Protocol):
             self.server.tracing.end(req.span, err.status, err.code)
             req.span = None
         route = req.route.header if req.route is not None else None
-        self.send_error(req, err, close=close or not req.keep_alive, route_header=route)
+        self.send_error(req, err, close=close or not req.keep_alive, route_header=route,
+                        linger=body_pending)
         if not close and body_pending:
             self.current = _Queued(req)  # swallow the rest of its body, then go on
 
     def send_error(self, req: Request | None, err: StaxError, *, close: bool,
-                   route_header: bytes | None = None) -> None:
+                   route_header: bytes | None = None, linger: bool = False) -> None:
+        """`linger`: the request's body is still coming (see close)."""
         srv = self.server
         srv.stats.error(err.code)
         close = close or self.close_after or srv.draining
@@ -326,13 +348,16 @@ class ClientConnection(asyncio.Protocol):
                                   keep_alive=req is not None and req.echo_keep_alive))
         srv.log_error(req, err, self.peer)
         if close:
-            self.close()
+            self.close(linger)
         elif self.current is None:
             self._next()
 
     def exchange_done(self, ex) -> None:
         self.exchange = None
         self.server.release()
+        if not ex.body_done:  # the upstream answered before the client finished its body
+            self._unread_body(ex.req)
+            return
         if self.close_after or not ex.req.keep_alive:
             self.close()
             return
@@ -344,6 +369,15 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = -1.0  # idle (what _next does here, without the call)
         else:
             self._next()
+
+    def _unread_body(self, req: Request) -> None:
+        """Read the rest of a short body, then go on; close (lingering) after a long one."""
+        if self.close_after or not req.keep_alive or req.long_body:
+            self.close(linger=True)
+            return
+        self.current = _Queued(req)  # swallowed by on_message_complete, which then goes on
+        self.resume_reading("body")  # what the finished exchange had paused
+        self.resume_reading("upstream")
 
     def _next_soon(self) -> None:
         if not self.closed and self.exchange is None:
@@ -360,7 +394,7 @@ class ClientConnection(asyncio.Protocol):
         self.server.release()
         pending = not ex.body_done
         self.send_error(ex.req, err, close=pending or not ex.req.keep_alive,
-                        route_header=ex.route.header)
+                        route_header=ex.route.header, linger=pending)
 
     def _next(self) -> None:
         if not self.queue and self.deferred_error is not None:
@@ -383,6 +417,9 @@ class ClientConnection(asyncio.Protocol):
         close (up to a sweep late, never early, and no clock read per request)."""
         if self.deadline < 0:
             self.deadline = now + self.keepalive_timeout
+        elif self.lingering:
+            if now >= self.deadline:
+                self.transport.close()  # the client had LINGER_S to read the response
         elif self.deadline and now >= self.deadline and not self.closed:
             if self.in_head:
                 self.send_error(None, RequestTimeout("request head not received in time"), close=True)

@@ -317,6 +317,8 @@ class Exchange:
                 client.close_after = True
         if req.upgrade is not None and status != 101:
             client.close_after = True  # the client's parser stopped at the Upgrade head
+        elif not self.body_done and req.long_body:
+            client.close_after = True  # answered early: the rest of the body will not be read
         if status != 101 and (client.close_after or not req.keep_alive):  # drain sets close_after
             client.close_after = True
             out.append(b"connection: close\r\n")
