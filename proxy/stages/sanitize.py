@@ -80,6 +80,8 @@ def make_sanitize(*, max_header_count: int, strip_internal: bool, trusted_peers:
                     raise BadRequest("more than one Host header")
                 req.host = value
             elif kind == _TRACEPARENT:
+                if req.h_traceparent is not None and value != req.h_traceparent:
+                    value = b""  # two different ones: neither is believed, a new trace starts
                 req.h_traceparent = value
             elif kind == _BAGGAGE:
                 if req.h_baggage is None:

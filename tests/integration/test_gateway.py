@@ -92,6 +92,22 @@ async def test_new_trace_when_none_or_invalid(gw):
     assert len(tp.split("-")[1]) == 32 and tp.split("-")[1] != "0" * 32
 
 
+async def test_two_different_traceparents_start_a_new_trace(gw):
+    # as the W3C trace-context test suite asks (test_traceparent_duplicated): neither is believed
+    sent = [b"00-12345678901234567890123456789011-1234567890123456-01",
+            b"00-12345678901234567890123456789012-1234567890123456-01"]
+    out = await raw_request(gw["port"], b"GET /dup HTTP/1.1\r\nHost: web\r\nConnection: close\r\n"
+                            + b"".join(b"traceparent: %b\r\n" % tp for tp in sent) + b"\r\n")
+    assert out.startswith(b"HTTP/1.1 200 "), out[:200]
+    _, trace_id, _, _ = gw["up"]["web-base"].seen[-1]["headers"]["traceparent"].split("-")
+    assert trace_id.encode() not in (tp.split(b"-")[1] for tp in sent) and len(trace_id) == 32
+    # the same one twice is one context
+    out = await raw_request(gw["port"], b"GET /dup HTTP/1.1\r\nHost: web\r\nConnection: close\r\n"
+                            + b"traceparent: %b\r\n" % sent[0] * 2 + b"\r\n")
+    assert out.startswith(b"HTTP/1.1 200 "), out[:200]
+    assert gw["up"]["web-base"].seen[-1]["headers"]["traceparent"].split("-")[1] == sent[0].split(b"-")[1].decode()
+
+
 async def test_hop_by_hop_headers_not_forwarded(gw):
     await get(gw, "/", Host="web", Connection="keep-alive, x-private", **{
         "x-private": "secret", "Keep-Alive": "timeout=5", "TE": "trailers",
