@@ -199,9 +199,10 @@ class ClientConnection(asyncio.Protocol):
         before the client has read it. So: send everything, then FIN, and discard what
         arrives until the client closes or LINGER_S pass (a lingering close, as nginx does)."""
         self.flush()
-        self.closed = True
+        was_open, self.closed = not self.closed, True
         transport = self.transport
-        if linger and not self.lingering and not self.eof and transport.can_write_eof():
+        if (linger and was_open and not self.eof and not transport.is_closing()
+                and transport.can_write_eof()):  # TLS cannot half-close: closed at once
             self.lingering = True
             transport.write_eof()
             if self.paused:
