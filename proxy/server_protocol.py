@@ -356,6 +356,8 @@ class ClientConnection(asyncio.Protocol):
     def exchange_done(self, ex) -> None:
         self.exchange = None
         self.server.release()
+        if self.paused:
+            self._exchange_over()
         if not ex.body_done:  # the upstream answered before the client finished its body
             self._unread_body(ex.req)
             return
@@ -377,8 +379,14 @@ class ClientConnection(asyncio.Protocol):
             self.close(linger=True)
             return
         self.current = _Queued(req)  # swallowed by on_message_complete, which then goes on
-        self.resume_reading("body")  # what the finished exchange had paused
-        self.resume_reading("upstream")
+
+    def _exchange_over(self) -> None:
+        """Reading paused for an exchange (its body waiting for a connection, or a slow
+        upstream) resumes when it ends, or the connection's next request is never read."""
+        self.paused.discard("body")
+        self.paused.discard("upstream")
+        if not self.paused and not self.closed:
+            self.transport.resume_reading()
 
     def _next_soon(self) -> None:
         if not self.closed and self.exchange is None:
@@ -393,6 +401,8 @@ class ClientConnection(asyncio.Protocol):
     def exchange_failed(self, ex, err: StaxError) -> None:
         self.exchange = None
         self.server.release()
+        if self.paused:
+            self._exchange_over()
         pending = not ex.body_done
         self.send_error(ex.req, err, close=pending or not ex.req.keep_alive,
                         route_header=ex.route.header, linger=pending)

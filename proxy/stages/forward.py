@@ -172,6 +172,9 @@ class Exchange:
                 parts.append(b"0\r\n\r\n")
             data = b"".join(parts)
         conn.begin(self, req.method == b"HEAD")
+        if self.body_streamed:  # reading paused until now (feed_body): too big to keep for a retry
+            self.body = None
+            self.client.resume_reading("body")
         if self.body_done:
             self.fw.outbox.send(conn.transport, data)  # a whole request: sent at the end of the round
             # timeout_ms runs from the request fully sent to the response head received
@@ -179,9 +182,6 @@ class Exchange:
             self.fw.deadlines.add(self, self.route.timeout_s)
         else:
             conn.transport.write(data)  # the body follows on this transport: no holding back
-            if self.body_streamed:
-                self.body = None  # flushed; too big to keep for a retry
-                self.client.resume_reading("body")
             self._arm_idle()
 
     def _attempt_failed(self, err: StaxError, conn) -> None:

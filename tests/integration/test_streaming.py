@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from loadtests.common import memory_kb
+from loadtests.common import free_port, memory_kb
 from tests.servers import gateway_process, port_of, wait_ready, write_graph
 
 pytestmark = pytest.mark.asyncio
@@ -121,3 +121,42 @@ async def test_keepalive_connections_are_reused(tmp_path, proxies, upstreams):
                 assert r.status == 200
     assert rt.pool.connects_total == 1
     assert "idle=1" in repr(rt.pool)
+
+
+@pytest.mark.parametrize("size", [70_000, 900_000])  # in one read; in several
+async def test_a_body_read_whole_before_the_upstream_connects_leaves_the_connection_reading(
+        tmp_path, proxies, upstreams, size):
+    # A body over the retry buffer pauses reading until the upstream connection is made; when
+    # the rest of it was already in the same read, the request is complete at attach. The pause
+    # must still end, or the connection's next request is never read.
+    (up,) = await upstreams("sink")
+    path = write_graph(tmp_path / "g.yaml", {"baseline": "base", "envs": {
+        "base": {"services": {"sink": {"endpoints": [up.addr]}}}}})
+    rt = await proxies("gateway", graph=path)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(rt, "gateway"))
+    for i in range(3):
+        writer.write(b"POST /sink HTTP/1.1\r\nHost: sink\r\nContent-Length: %d\r\n\r\n" % size
+                     + b"b" * size)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # a hang fails here
+        assert head.startswith(b"HTTP/1.1 200 "), (i, head)
+        length = int(next(v for k, _, v in (ln.partition(b": ") for ln in head.split(b"\r\n"))
+                          if k.lower() == b"content-length"))
+        assert b'"size": %d,' % size in await reader.readexactly(length)
+    writer.close()
+
+
+async def test_a_failed_upstream_connect_after_a_big_body_leaves_the_connection_reading(tmp_path, proxies):
+    # the same pause, when the connect fails instead: the error answers the request, and the
+    # connection (kept alive: the body was read whole) must read the next one
+    path = write_graph(tmp_path / "g.yaml", {"baseline": "base", "envs": {
+        "base": {"services": {"gone": {"endpoints": [f"127.0.0.1:{free_port()}"]}}}}})
+    rt = await proxies("gateway", graph=path)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(rt, "gateway"))
+    for i in range(2):
+        writer.write(b"POST /x HTTP/1.1\r\nHost: gone\r\nContent-Length: 70000\r\n\r\n" + b"b" * 70000)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # a hang fails here
+        assert head.startswith(b"HTTP/1.1 502 ") and b"connection: close" not in head.lower(), (i, head)
+        length = int(next(v for k, _, v in (ln.partition(b": ") for ln in head.split(b"\r\n"))
+                          if k.lower() == b"content-length"))
+        await reader.readexactly(length)
+    writer.close()
