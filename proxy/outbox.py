@@ -5,8 +5,8 @@ Why: under load one round handles many client reads. Writing each request upstre
 parsed interleaves the kernel's send path (and the wake-up of the upstream's core) with the
 Python of the next request, which then runs with cold caches; the upstream also wakes once
 per write. Written together at the end of the round, the Python runs back to back and the
-upstream wakes once per round. Measured on the bench (64 connections): about 15% more
-requests/s, mostly less kernel time per request; no change at 8 connections.
+upstream wakes once per round. Measured in A/B runs at 64 connections: 7-17% more
+requests/s, mostly less kernel time per request; no change at 8 (loadtests/README.md).
 """
 
 from __future__ import annotations
