@@ -88,5 +88,6 @@ class Request:
 
     @property
     def long_body(self) -> bool:
-        """Chunked or over 1 MiB: left unread, not worth reading only to keep the connection."""
-        return self.chunked or (self.content_length or 0) > LONG_BODY
+        """Declared over 1 MiB: left unread, not worth reading only to keep the connection (a
+        chunked body is read up to as much, then the connection closes)."""
+        return (self.content_length or 0) > LONG_BODY

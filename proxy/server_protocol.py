@@ -16,7 +16,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from resolver.errors import BadRequest, HeadersTooLarge, RequestTimeout, StaxError
 
 from .errors import error_response, rescue
-from .request import Request
+from .request import LONG_BODY, Request
 
 # How long a connection closed with a request body still coming discards what the client
 # sends before closing for good (nginx's lingering_timeout is 5 s too).
@@ -47,6 +47,7 @@ class ClientConnection(asyncio.Protocol):
         self.in_head = False
         self.exchange = None  # the request being forwarded
         self.current: _Queued | None = None  # a request whose body must be consumed (error path)
+        self.swallowed = 0  # bytes of current's body dropped so far (bounded by LONG_BODY)
         self.queue: deque[_Queued] = deque()
         self.close_after = False
         self.closed = False
@@ -273,6 +274,10 @@ class ClientConnection(asyncio.Protocol):
             self.queue[-1].chunks.append(body)
         elif self.exchange is not None:
             self.exchange.feed_body(body)
+        elif self.current is not None:  # answered before its body ended: dropped, up to a bound
+            self.swallowed += len(body)
+            if self.swallowed > LONG_BODY:  # a chunked body that goes on: stop reading it
+                self.close(linger=True)
 
     def on_message_complete(self) -> None:
         if self.closed:
@@ -322,7 +327,7 @@ class ClientConnection(asyncio.Protocol):
     def _reject(self, req: Request, err: StaxError, chunks, complete: bool) -> None:
         body_pending = req.has_body and not (chunks is not None and complete)
         if body_pending and req.long_body:
-            close = True  # not worth reading a large or unbounded body just to keep the connection
+            close = True  # not worth reading a large body just to keep the connection
         else:
             # a head we could not make sense of: framing may be ambiguous too, so do not reuse
             close = isinstance(err, (BadRequest, HeadersTooLarge))
@@ -336,7 +341,7 @@ class ClientConnection(asyncio.Protocol):
         self.send_error(req, err, close=close or not req.keep_alive, route_header=route,
                         linger=body_pending)
         if not close and body_pending:
-            self.current = _Queued(req)  # swallow the rest of its body, then go on
+            self._swallow(req)
 
     def send_error(self, req: Request | None, err: StaxError, *, close: bool,
                    route_header: bytes | None = None, linger: bool = False) -> None:
@@ -378,7 +383,12 @@ class ClientConnection(asyncio.Protocol):
         if self.close_after or not req.keep_alive or req.long_body:
             self.close(linger=True)
             return
-        self.current = _Queued(req)  # swallowed by on_message_complete, which then goes on
+        self._swallow(req)
+
+    def _swallow(self, req: Request) -> None:
+        """Drop the rest of `req`'s body (on_body), then go on (on_message_complete)."""
+        self.current = _Queued(req)
+        self.swallowed = 0
 
     def _exchange_over(self) -> None:
         """Reading paused for an exchange (its body waiting for a connection, or a slow
