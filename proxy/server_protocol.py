@@ -379,8 +379,9 @@ class ClientConnection(asyncio.Protocol):
             self._next()
 
     def _unread_body(self, req: Request) -> None:
-        """Read the rest of a short body, then go on; close (lingering) after a long one."""
-        if self.close_after or not req.keep_alive or req.long_body:
+        """Read the rest of the body, then go on; or close (lingering) when the response said
+        so (Exchange.on_response_head sets close_after for a long body)."""
+        if self.close_after or not req.keep_alive:
             self.close(linger=True)
             return
         self._swallow(req)

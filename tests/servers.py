@@ -165,6 +165,15 @@ async def raw_request(port: int, data: bytes, *, read_timeout: float = 5.0) -> b
     return b"".join(chunks)
 
 
+async def read_response(reader, timeout: float = 5.0) -> tuple[bytes, bytes]:
+    """One Content-Length response from a raw connection: (head, body). The timeout only
+    turns a response that never comes into a failure, not a hang."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    fields = (line.partition(b": ") for line in head.split(b"\r\n")[1:])
+    length = next((int(v) for k, _, v in fields if k.lower() == b"content-length"), 0)
+    return head, await asyncio.wait_for(reader.readexactly(length), timeout)
+
+
 def gateway_process(graph, *extra: str, env: dict | None = None,
                     preexec=None) -> tuple[subprocess.Popen, int, int]:
     """`stax gateway` as a real process on free ports (for signals and exit codes): (process,
