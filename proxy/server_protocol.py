@@ -42,7 +42,7 @@ class ClientConnection(asyncio.Protocol):
         self.forwarded = b""
         self.url = b""
         self.headers: list = []
-        self.head_bytes = 0  # bytes read while the current head was incomplete
+        self.head_bytes = 0  # bytes of the current head read while it was incomplete (-1: begun in this read)
         self.read_len = 0  # length of the read being parsed
         self.in_head = False
         self.exchange = None  # the request being forwarded
@@ -103,30 +103,19 @@ class ClientConnection(asyncio.Protocol):
         except HttpParserError as exc:
             err = self.error or BadRequest(f"malformed request: {_parser_reason(exc)}")
             self.error = None
-            ex = self.exchange
-            if ex is not None and ex.body_done and all(q.complete for q in self.queue):
-                # garbage after complete requests: answer those first, then the 400, then close
-                self.deferred_error = err
-                self.pause_reading("error")
-                return
-            if self.exchange is not None and self.exchange.responded:
-                self.abort()  # a broken body mid-stream: nothing sane to send
-                return
-            if self.exchange is not None:
-                self.exchange.client_lost()
-                self.exchange = None
-                self.server.release()
-            self.send_error(None, err, close=True)
+            self._refuse(err)
             return
         if self.in_head and not self.closed:
             # A partial head: its clock starts now (a head read whole never needs one), and
             # llhttp buffers it: bound what a client can make us hold.
-            if not self.head_bytes:
+            if self.head_bytes < 0:
+                # begun in this read, maybe after a body or other requests: count its own bytes
                 self.deadline = time.monotonic() + self.header_timeout
-            self.head_bytes += self.read_len
+                self.head_bytes = self._held_head_bytes(data)
+            else:
+                self.head_bytes += self.read_len
             if self.head_bytes > self.max_head_bytes:
-                self.send_error(None, HeadersTooLarge(
-                    f"request head over {self.max_head_bytes} bytes"), close=True)
+                self._refuse(HeadersTooLarge(f"request head over {self.max_head_bytes} bytes"))
 
     def connection_lost(self, exc) -> None:
         self.closed = True
@@ -225,7 +214,7 @@ class ClientConnection(asyncio.Protocol):
             # a pipelined request begins: llhttp still holds the one in flight's version
             ex.req.version = self.parser.get_http_version()
         self.in_head = True
-        self.head_bytes = 0
+        self.head_bytes = -1  # begun in the read being parsed (data_received)
         self.url = b""
         self.headers = []
 
@@ -243,10 +232,10 @@ class ClientConnection(asyncio.Protocol):
         # The head lies within the reads counted so far and this one: only when those exceed
         # the limit (a large body or pipelined requests in the same read) is it measured.
         if (self.head_bytes + self.read_len > self.max_head_bytes
-                and len(self.url) + sum(len(n) + len(v) + 4 for _, n, v in self.headers) > self.max_head_bytes):
-            self.send_error(None, HeadersTooLarge(
-                f"request head over {self.max_head_bytes} bytes"), close=True)
-            return
+                and self._parsed_head_bytes() > self.max_head_bytes):
+            # stops llhttp: nothing after this head is parsed (data_received refuses it)
+            self.error = HeadersTooLarge(f"request head over {self.max_head_bytes} bytes")
+            raise _HeadRefused
         parser = self.parser
         pipelined = self.exchange is not None or self.current is not None or self.queue
         # The HTTP version is read only when a response needs it (get_http_version() costs
@@ -258,6 +247,15 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading("pipeline")
             return
         self._handle(req)
+
+    def _parsed_head_bytes(self) -> int:
+        return len(self.url) + sum(len(n) + len(v) + 4 for _, n, v in self.headers)
+
+    def _held_head_bytes(self, data: bytes) -> int:
+        """What is held of a head begun in `data` and not complete: its lines parsed, and
+        its last line still coming (the request line, when no header line is complete)."""
+        partial = len(data) - 1 - data.rfind(b"\n")
+        return partial + self._parsed_head_bytes() if self.headers else max(partial, len(self.url))
 
     def http_version(self, req: Request) -> str:
         """`req`'s HTTP version ("1.1"). llhttp still holds it: a request is handled at once
@@ -342,6 +340,24 @@ class ClientConnection(asyncio.Protocol):
                         linger=body_pending)
         if not close and body_pending:
             self._swallow(req)
+
+    def _refuse(self, err: StaxError) -> None:
+        """The client's bytes cannot be read on (a malformed, too large or too slow head):
+        `err`, then close. Requests complete before it are answered first, in order."""
+        ex = self.exchange
+        if ex is not None and ex.body_done and all(q.complete for q in self.queue):
+            self.deferred_error = err  # sent by _next once the queue is empty
+            self.deadline = 0.0
+            self.pause_reading("error")
+            return
+        if ex is not None and ex.responded:
+            self.abort()  # a broken body mid-stream: nothing sane to send
+            return
+        if ex is not None:
+            ex.client_lost()
+            self.exchange = None
+            self.server.release()
+        self.send_error(None, err, close=True)
 
     def send_error(self, req: Request | None, err: StaxError, *, close: bool,
                    route_header: bytes | None = None, linger: bool = False) -> None:
@@ -444,9 +460,13 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.close()  # the client had LINGER_S to read the response
         elif self.deadline and now >= self.deadline and not self.closed:
             if self.in_head:
-                self.send_error(None, RequestTimeout("request head not received in time"), close=True)
+                self._refuse(RequestTimeout("request head not received in time"))
             elif self.exchange is None and not self.queue:
                 self.close()
+
+
+class _HeadRefused(Exception):
+    """Raised in a parser callback to stop llhttp; the reason is in ClientConnection.error."""
 
 
 def _parser_reason(exc: HttpParserError) -> str:

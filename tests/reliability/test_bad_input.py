@@ -7,10 +7,11 @@ import asyncio
 import logging
 
 import aiohttp
+import orjson
 import pytest
 
 from proxy.stages.policy import mint_token
-from tests.servers import port_of, raw_request, write_graph
+from tests.servers import port_of, raw_request, read_response, write_graph
 
 pytestmark = pytest.mark.asyncio
 
@@ -95,6 +96,39 @@ async def test_pipelined_requests_are_answered_in_order(edge):
                             b"GET /3 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
     assert out.count(b"HTTP/1.1 200") == 3
     assert out.index(b'"path":"/1"') < out.index(b'"path":"/2"') < out.index(b'"path":"/3"')
+
+
+async def test_a_head_begun_in_the_same_read_as_a_body_is_not_counted_with_it(edge):
+    """One read holding 40 KB of a body and the start of the next head: only the head's own
+    bytes count against the 32 KiB head limit (once, the whole read did: a false 431)."""
+    body = b"y" * 40000
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge["port"])
+    try:
+        writer.write(b"POST /sink HTTP/1.1\r\nHost: web\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
+                     + b"GET /second HTTP/1.1\r\nHo")
+        await writer.drain()
+        await asyncio.sleep(0.2)  # the proxy reads the partial head before the rest
+        writer.write(b"st: web\r\n\r\n")
+        first, body1 = await read_response(reader)
+        second, _ = await read_response(reader)
+    finally:
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 200") and orjson.loads(body1)["size"] == 40000, first
+    assert second.startswith(b"HTTP/1.1 200"), second
+
+
+@pytest.mark.parametrize("second", [
+    b"GET /2 HTTP/1.1\r\nHost: web\r\nx-big: " + b"b" * 40000 + b"\r\n\r\n",  # whole, too large
+    b"GET /2 HTTP/1.1\r\nHost: web\r\nx-big: " + b"b" * 40000,  # still coming, already too large
+])
+async def test_a_pipelined_head_too_large_is_answered_after_the_request_before_it(edge, second):
+    """The 431 waits for the response in flight: answering it at once would come first, and
+    closing would lose the first request's response."""
+    out = await raw_request(edge["port"], b"GET /slow?ms=300 HTTP/1.1\r\nHost: web\r\n\r\n" + second,
+                            read_timeout=3)
+    assert out.startswith(b"HTTP/1.1 200"), out[:120]
+    assert out.count(b"HTTP/1.1 431") == 1 and out.index(b"HTTP/1.1 431") > out.index(b'"path":"/slow?ms=300"')
+    await still_serves(edge)
 
 
 async def test_pipelined_requests_keep_their_own_http_version(edge):
@@ -244,3 +278,17 @@ async def test_slowloris_is_cut_off_and_others_keep_being_served(tmp_path, upstr
             break
         await asyncio.sleep(0.02)
     assert len(rt.connections) == 0
+
+
+async def test_a_pipelined_head_timing_out_is_answered_after_the_request_before_it(
+        tmp_path, upstreams, proxies):
+    """The 408 of a pipelined head that stalls waits for the response in flight (once it was
+    written at once, and closing lost that response)."""
+    (web,) = await upstreams("web")
+    path = write_graph(tmp_path / "g.yaml", {"baseline": "b", "envs": {"b": {"services": {"web": {"endpoints": [web.addr]}}}}})
+    rt = await proxies("gateway", graph=path, header_timeout=0.5)
+    out = await raw_request(port_of(rt, "gateway"), b"GET /slow?ms=2500 HTTP/1.1\r\nHost: web\r\n\r\n"
+                            b"GET /2 HTTP/1.1\r\nHo", read_timeout=5)
+    assert out.startswith(b"HTTP/1.1 200"), out[:120]
+    assert out.count(b"HTTP/1.1 408") == 1 and out.index(b"HTTP/1.1 408") > out.index(b'"path":"/slow?ms=2500"')
+    assert [r["path"] for r in web.seen] == ["/slow?ms=2500"]
