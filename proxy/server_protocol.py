@@ -134,9 +134,8 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return None  # lingering: the client is done sending; close now
         if self.tunnel is not None:
-            conn = self.tunnel.conn
-            if conn is not None and conn.transport.can_write_eof():
-                conn.transport.write_eof()
+            # not before the 101 and the bytes sent ahead of it: the Exchange keeps the order
+            self.tunnel.client_data(b"")
             return True
         if self.exchange is not None and not self.exchange.body_done:
             return None  # gone mid-body: the request can never complete

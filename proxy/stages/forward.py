@@ -102,7 +102,7 @@ class Exchange:
         self.endpoint = None
         self.connecting = None
         self.tunnel = False
-        self.early: list[bytes] | None = None  # client bytes after an Upgrade head, before the 101
+        self.early: list[bytes] | None = None  # client bytes after an Upgrade head, before the 101 (b"": EOF)
         self.cspan = None  # OpenTelemetry client span of the current attempt
         self.need_idle = False  # arm the body idle timer once this read is processed
 
@@ -123,7 +123,9 @@ class Exchange:
             # an unsampled request gets no client spans (the SDK would drop them too): the
             # span id stax made for this hop goes upstream, with the unsampled flag
             self._trace_attempt(ep)
-        conn = self.fw.pool.acquire_idle(ep)
+        # A retry takes a new connection: the failure may have been an idle one the upstream
+        # was closing (its keep-alive timeout), and the other idle ones may be closing too.
+        conn = self.fw.pool.acquire_idle(ep) if self.tried is None else None
         if conn is not None:
             self._attach(conn)
         else:
@@ -366,19 +368,27 @@ class Exchange:
         if rest:
             self.client.write(rest)
         for chunk in self.early or ():
-            conn.transport.write(chunk)
+            if chunk:
+                conn.transport.write(chunk)
+            elif conn.transport.can_write_eof():  # the client half-closed before the 101
+                conn.transport.write_eof()
         self.early = None
         self._arm_idle()
 
     def client_data(self, data: bytes) -> None:
-        """Raw client bytes once the client parser has handed over (after an Upgrade head)."""
+        """Raw client bytes once the client parser has handed over (after an Upgrade head);
+        b"": the client half-closed."""
         self.last_activity = time.monotonic()
         if self.tunnel:
-            self.conn.transport.write(data)
+            transport = self.conn.transport
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                transport.write_eof()
         elif self.early is None:
             self.early = [data]
         else:
-            self.early.append(data)
+            self.early.append(data)  # passed on in order once the 101 arrives (on_upgrade)
 
     def upstream_data(self, data: bytes) -> None:
         self.last_activity = time.monotonic()

@@ -12,7 +12,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from tests.servers import free_port, gateway_process, port_of, serve_app, wait_ready, write_graph
+from tests.servers import (
+    free_port,
+    gateway_process,
+    port_of,
+    raw_request,
+    serve_app,
+    wait_ready,
+    write_graph,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -66,6 +74,32 @@ async def test_retry_lands_on_healthy_endpoint(tmp_path, proxies, upstreams):
             async with s.get(url + "/", headers={"Host": "svc"}) as r:
                 assert r.status == 200 and r.headers["x-upstream"] == "ok"
     assert len(up.seen) == 6
+
+
+async def test_a_retry_goes_out_on_a_new_connection(tmp_path, proxies):
+    """An upstream that drops its idle keep-alive connections (a keep-alive timeout shorter
+    than stax's pool's, Node's 5 s): a request that lands on one it is closing is retried on
+    a fresh connection, not on the next pooled one, which is closing too."""
+    answered = {"n": 0}
+
+    async def one_per_connection(reader, writer):  # answers one request, closes at the next
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.1)  # so that the first two requests hold two connections
+        answered["n"] += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await reader.readuntil(b"\r\n\r\n")
+        writer.transport.abort()
+
+    server = await asyncio.start_server(one_per_connection, "127.0.0.1", 0)
+    rt, _ = await gateway(proxies, tmp_path, graph({"svc": [f"127.0.0.1:{server.sockets[0].getsockname()[1]}"]}))
+    port = port_of(rt, "gateway")
+    get = b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"
+    first = await asyncio.gather(raw_request(port, get), raw_request(port, get))
+    assert all(out.startswith(b"HTTP/1.1 200") for out in first) and rt.pool.idle_count == 2
+    out = await raw_request(port, get)  # the pooled connections are both about to close
+    assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    assert answered["n"] == 3
+    server.close()
 
 
 async def test_no_retry_of_post(tmp_path, proxies, upstreams):
@@ -171,6 +205,42 @@ async def test_websocket_through_gateway_and_sidecar(tmp_path, proxies):
         await asyncio.sleep(0.02)
     assert gw.inflight == 0  # the tunnel's admission slot is released when it closes
     await runner.cleanup()
+
+
+@pytest.mark.parametrize("delay_101", [0.0, 0.2])
+async def test_a_tunnel_client_that_half_closes_before_the_101(tmp_path, proxies, delay_101):
+    """Bytes sent after the Upgrade head and then the client's FIN, all before the upstream
+    switches: the upstream gets the bytes, then the FIN, in that order (once the FIN went
+    first: the bytes were lost and the upstream connection failed)."""
+    got = []
+
+    async def echo(reader, writer):  # switches (after a while), echoes until EOF, closes
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(delay_101)
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+        while data := await reader.read(65536):
+            got.append(data)
+            writer.write(data)
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    up = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    rt, _ = await gateway(proxies, tmp_path, graph({"echo": [up]}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(rt, "gateway"))
+    early = os.urandom(5000)
+    writer.write(b"GET / HTTP/1.1\r\nHost: echo\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n" + early)
+    writer.write_eof()
+    out = await asyncio.wait_for(reader.read(), 5)  # to the proxy's close
+    writer.close()
+    server.close()
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    assert body == early and b"".join(got) == early
+    for _ in range(50):
+        if rt.inflight == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert rt.inflight == 0 and rt.pool.active == 0
 
 
 @pytest.fixture
