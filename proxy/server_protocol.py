@@ -382,7 +382,9 @@ class ClientConnection(asyncio.Protocol):
             self._unread_body(ex.req)
             return
         if self.close_after or not ex.req.keep_alive:
-            self.close()
+            # A keep-alive client may have sent (or be sending) its next requests: closing
+            # with them unread would answer with a reset, which can destroy this response.
+            self.close(linger=ex.req.keep_alive or bool(self.queue))
             return
         if self.queue:
             # Pipelined: start the next request after the upstream read that completed this

@@ -11,7 +11,14 @@ import orjson
 import pytest
 
 from proxy.stages.policy import mint_token
-from tests.servers import port_of, raw_request, read_response, write_graph
+from tests.servers import (
+    gateway_process,
+    port_of,
+    raw_request,
+    read_response,
+    wait_ready,
+    write_graph,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -142,6 +149,42 @@ async def test_pipelined_requests_keep_their_own_http_version(edge):
         assert b"transfer-encoding: chunked" in resp and resp.endswith(b"5\r\nxxxxx\r\n0\r\n\r\n")
     assert b"transfer-encoding" not in third and b"connection: close" in third
     assert third.endswith(b"\r\n\r\nxxxxx")
+
+
+@pytest.mark.parametrize("later", [False, True])
+async def test_a_connection_closed_on_a_keep_alive_client_lingers(tmp_path, upstreams, later):
+    """An HTTP/1.0 keep-alive client gets a body of unknown length until close, and requests
+    it pipelines are not answered. Closing with them unread in the socket, or arriving after,
+    sends a reset, which can destroy the body still in flight and makes a close-delimited
+    body look broken (asyncio's reader raises). stax sends FIN and reads on until the client
+    closes (lingering). A real process: in-process, the test's own reads change the timing."""
+    (web,) = await upstreams("web")
+    path = write_graph(tmp_path / "g.yaml", {"baseline": "b", "envs": {"b": {"services": {"web": {"endpoints": [web.addr]}}}}})
+    proc, port, admin = gateway_process(path)
+    try:
+        await wait_ready(admin, proc)
+        failures = []
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /bytes?n=70000&chunked=1 HTTP/1.0\r\nHost: web\r\nConnection: keep-alive\r\n\r\n")
+            if later:
+                await asyncio.sleep(0.2)  # the response is sent and the connection closed by now
+            for _ in range(4):  # more than stax reads before it stops to answer the first
+                writer.write(b"POST /next HTTP/1.1\r\nHost: web\r\nContent-Length: 1500\r\n\r\n" + b"p" * 1500)
+            try:
+                out = await asyncio.wait_for(reader.read(), 5)  # to EOF: raises on a reset
+            except ConnectionResetError as exc:
+                failures.append(exc)
+                continue
+            finally:
+                writer.close()
+            head, _, body = out.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head and len(body) == 70000
+        assert failures == []
+        assert {r["path"] for r in web.seen} == {"/bytes?n=70000&chunked=1"}
+    finally:
+        proc.terminate()
+        proc.wait()
 
 
 async def test_http10_keep_alive_is_said_back(edge):
