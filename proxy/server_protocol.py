@@ -183,8 +183,9 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(b"".join(buf))
 
     def close(self, linger: bool = False) -> None:
-        """`linger`: the client may still be sending a body stax will not read. Closing at
-        once would answer its next bytes with a reset, and a reset can destroy the response
+        """`linger`: the client may still be sending (a body stax will not read, requests
+        pipelined behind the last one answered). Closing at once would answer its next bytes,
+        or those already here and unread, with a reset, and a reset can destroy the response
         before the client has read it. So: send everything, then FIN, and discard what
         arrives until the client closes or LINGER_S pass (a lingering close, as nginx does)."""
         self.flush()
@@ -335,14 +336,13 @@ class ClientConnection(asyncio.Protocol):
             self.server.tracing.end(req.span, err.status, err.code)
             req.span = None
         route = req.route.header if req.route is not None else None
-        self.send_error(req, err, close=close or not req.keep_alive, route_header=route,
-                        linger=body_pending)
+        self.send_error(req, err, close=close or not req.keep_alive, route_header=route)
         if not close and body_pending:
             self._swallow(req)
 
     def _refuse(self, err: StaxError) -> None:
         """The client's bytes cannot be read on (a malformed, too large or too slow head):
-        `err`, then close. Requests complete before it are answered first, in order."""
+        `err`, then a lingering close. Requests complete before it are answered first, in order."""
         ex = self.exchange
         if ex is not None and ex.body_done and all(q.complete for q in self.queue):
             self.deferred_error = err  # sent by _next once the queue is empty
@@ -359,8 +359,10 @@ class ClientConnection(asyncio.Protocol):
         self.send_error(None, err, close=True)
 
     def send_error(self, req: Request | None, err: StaxError, *, close: bool,
-                   route_header: bytes | None = None, linger: bool = False) -> None:
-        """`linger`: the request's body is still coming (see close)."""
+                   route_header: bytes | None = None) -> None:
+        """`close`: then close, lingering: whatever the client sent after the refused
+        request (its body, requests pipelined behind it) is unread, and a plain close would
+        answer it with a reset that can destroy this response."""
         srv = self.server
         srv.stats.error(err.code)
         close = close or self.close_after or srv.draining
@@ -369,7 +371,7 @@ class ClientConnection(asyncio.Protocol):
                                   keep_alive=req is not None and req.echo_keep_alive))
         srv.log_error(req, err, self.peer)
         if close:
-            self.close(linger)
+            self.close(linger=True)
         elif self.current is None:
             self._next()
 
@@ -433,7 +435,7 @@ class ClientConnection(asyncio.Protocol):
             self._exchange_over()
         pending = not ex.body_done
         self.send_error(ex.req, err, close=pending or not ex.req.keep_alive,
-                        route_header=ex.route.header, linger=pending)
+                        route_header=ex.route.header)
 
     def _next(self) -> None:
         if not self.queue and self.deferred_error is not None:

@@ -151,40 +151,62 @@ async def test_pipelined_requests_keep_their_own_http_version(edge):
     assert third.endswith(b"\r\n\r\nxxxxx")
 
 
-@pytest.mark.parametrize("later", [False, True])
-async def test_a_connection_closed_on_a_keep_alive_client_lingers(tmp_path, upstreams, later):
-    """An HTTP/1.0 keep-alive client gets a body of unknown length until close, and requests
-    it pipelines are not answered. Closing with them unread in the socket, or arriving after,
-    sends a reset, which can destroy the body still in flight and makes a close-delimited
-    body look broken (asyncio's reader raises). stax sends FIN and reads on until the client
-    closes (lingering). A real process: in-process, the test's own reads change the timing."""
+@pytest.fixture
+async def edge_process(tmp_path, upstreams):
+    """A real gateway process (port, upstream): in-process, the test's own reads share the
+    proxy's event loop, and the timing that makes a reset does not happen."""
     (web,) = await upstreams("web")
     path = write_graph(tmp_path / "g.yaml", {"baseline": "b", "envs": {"b": {"services": {"web": {"endpoints": [web.addr]}}}}})
     proc, port, admin = gateway_process(path)
     try:
         await wait_ready(admin, proc)
-        failures = []
-        for _ in range(10):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /bytes?n=70000&chunked=1 HTTP/1.0\r\nHost: web\r\nConnection: keep-alive\r\n\r\n")
-            if later:
-                await asyncio.sleep(0.2)  # the response is sent and the connection closed by now
-            for _ in range(4):  # more than stax reads before it stops to answer the first
-                writer.write(b"POST /next HTTP/1.1\r\nHost: web\r\nContent-Length: 1500\r\n\r\n" + b"p" * 1500)
-            try:
-                out = await asyncio.wait_for(reader.read(), 5)  # to EOF: raises on a reset
-            except ConnectionResetError as exc:
-                failures.append(exc)
-                continue
-            finally:
-                writer.close()
-            head, _, body = out.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head and len(body) == 70000
-        assert failures == []
-        assert {r["path"] for r in web.seen} == {"/bytes?n=70000&chunked=1"}
+        yield port, web
     finally:
         proc.terminate()
         proc.wait()
+
+
+async def read_to_eof(port: int, *writes: bytes, pause: float = 0.0) -> bytes:
+    """Everything the proxy sends until it closes; `pause` before the second write. Raises
+    ConnectionResetError when the proxy resets instead."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(writes[0])
+        if pause:
+            await asyncio.sleep(pause)
+        for data in writes[1:]:
+            writer.write(data)
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("later", [False, True])
+async def test_a_connection_closed_on_a_keep_alive_client_lingers(edge_process, later):
+    """An HTTP/1.0 keep-alive client gets a body of unknown length until close, and requests
+    it pipelines are not answered. Closing with them unread in the socket, or arriving after,
+    sends a reset, which can destroy the body still in flight and makes a close-delimited
+    body look broken (asyncio's reader raises). stax sends FIN and reads on until the client
+    closes (lingering)."""
+    port, web = edge_process
+    first = b"GET /bytes?n=70000&chunked=1 HTTP/1.0\r\nHost: web\r\nConnection: keep-alive\r\n\r\n"
+    # more than stax reads before it stops to answer the first
+    more = [b"POST /next HTTP/1.1\r\nHost: web\r\nContent-Length: 1500\r\n\r\n" + b"p" * 1500] * 4
+    for _ in range(10):
+        out = await read_to_eof(port, first, *more, pause=0.2 if later else 0.0)
+        head, _, body = out.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head and len(body) == 70000
+    assert {r["path"] for r in web.seen} == {"/bytes?n=70000&chunked=1"}
+
+
+async def test_a_refused_pipelined_head_closes_lingering(edge_process):
+    """A 431 for a head still arriving, after the response before it: both reach the client,
+    then FIN, though 100 KB of the refused head stay unread (a plain close would reset)."""
+    port, web = edge_process
+    for _ in range(10):
+        out = await read_to_eof(port, b"GET /slow?ms=100 HTTP/1.1\r\nHost: web\r\n\r\n",
+                                b"GET /2 HTTP/1.1\r\nHost: web\r\nx-big: " + b"b" * 40000, *[b"b" * 20000] * 5)
+        assert out.startswith(b"HTTP/1.1 200") and out.count(b"HTTP/1.1 431") == 1, out[:200]
 
 
 async def test_http10_keep_alive_is_said_back(edge):
@@ -335,3 +357,14 @@ async def test_a_pipelined_head_timing_out_is_answered_after_the_request_before_
     assert out.startswith(b"HTTP/1.1 200"), out[:120]
     assert out.count(b"HTTP/1.1 408") == 1 and out.index(b"HTTP/1.1 408") > out.index(b'"path":"/slow?ms=2500"')
     assert [r["path"] for r in web.seen] == ["/slow?ms=2500"]
+
+
+async def test_a_request_refused_with_close_lingers_for_those_pipelined_behind_it(edge_process):
+    """A 400 that closes (two Host headers: the framing is not to be trusted) with requests
+    pipelined behind it: the 400 arrives, then FIN, never a reset."""
+    port, web = edge_process
+    more = [b"POST /next HTTP/1.1\r\nHost: web\r\nContent-Length: 1500\r\n\r\n" + b"p" * 1500] * 4
+    for _ in range(10):
+        out = await read_to_eof(port, b"GET / HTTP/1.1\r\nHost: web\r\nHost: other\r\n\r\n", *more)
+        assert out.startswith(b"HTTP/1.1 400") and b"connection: close" in out, out[:200]
+    assert web.seen == []
