@@ -17,6 +17,7 @@ from resolver.errors import BadRequest, HeadersTooLarge, RequestTimeout, StaxErr
 
 from .errors import error_response, rescue
 from .request import LONG_BODY, Request
+from .trailers import TrailerSink
 
 # How long a connection closed with a request body still coming discards what the client
 # sends before closing for good (nginx's lingering_timeout is 5 s too).
@@ -53,7 +54,6 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.paused: set[str] = set()
         self.deadline = 0.0  # header-read or keep-alive deadline (-1: idle, not yet stamped)
-        self.error: StaxError | None = None
         self.tunnel = None  # the Exchange relaying raw bytes after an Upgrade
         # Set while an upstream read is processed: what it produces for this client, written
         # once at the end (the Exchange's response callbacks, which only run then, append here).
@@ -65,6 +65,7 @@ class ClientConnection(asyncio.Protocol):
         self.header_timeout = cfg.header_timeout
         self.keepalive_timeout = cfg.keepalive_timeout
         self.max_head_bytes = cfg.max_head_bytes
+        self.trailers = TrailerSink(cfg.max_head_bytes, HeadersTooLarge)
 
     def __repr__(self) -> str:
         return f"<ClientConnection {self.peer} exchange={self.exchange!r} queued={len(self.queue)}>"
@@ -101,9 +102,9 @@ class ClientConnection(asyncio.Protocol):
                 self.close()
             return
         except HttpParserError as exc:
-            err = self.error or BadRequest(f"malformed request: {_parser_reason(exc)}")
-            self.error = None
-            self._refuse(err)
+            cause = exc.__context__  # what a callback raised (httptools chains it)
+            self._refuse(cause if isinstance(cause, StaxError)
+                         else BadRequest(f"malformed request: {_parser_reason(exc)}"))
             return
         if self.in_head and not self.closed:
             # A partial head: its clock starts now (a head read whole never needs one), and
@@ -234,14 +235,15 @@ class ClientConnection(asyncio.Protocol):
         if (self.head_bytes + self.read_len > self.max_head_bytes
                 and self._parsed_head_bytes() > self.max_head_bytes):
             # stops llhttp: nothing after this head is parsed (data_received refuses it)
-            self.error = HeadersTooLarge(f"request head over {self.max_head_bytes} bytes")
-            raise _HeadRefused
+            raise HeadersTooLarge(f"request head over {self.max_head_bytes} bytes")
         parser = self.parser
         pipelined = self.exchange is not None or self.current is not None or self.queue
         # The HTTP version is read only when a response needs it (get_http_version() costs
         # 2% of a request), except for a pipelined request: see http_version.
         req = Request(parser.get_method(), self.url, parser.get_http_version() if pipelined else None,
                       self.headers, parser.should_keep_alive(), self.peer, self.scheme, time.monotonic())
+        self.headers = trailers = self.trailers  # on_header's fields from here on are trailers
+        trailers.size = 0
         if pipelined:
             self.queue.append(_Queued(req))  # wait for the one in flight
             self.pause_reading("pipeline")
@@ -466,10 +468,6 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(RequestTimeout("request head not received in time"))
             elif self.exchange is None and not self.queue:
                 self.close()
-
-
-class _HeadRefused(Exception):
-    """Raised in a parser callback to stop llhttp; the reason is in ClientConnection.error."""
 
 
 def _parser_reason(exc: HttpParserError) -> str:

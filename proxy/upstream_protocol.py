@@ -10,6 +10,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from resolver.errors import UpstreamBadResponse
 
 from .request import HOP_BY_HOP
+from .trailers import TrailerSink
 
 # Response headers stax interprets; every other header is forwarded as one ready line.
 INTERPRETED = HOP_BY_HOP | {b"content-length", b"x-stax-route"}
@@ -19,7 +20,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "key", "transport", "parser", "exchange", "closed", "idle", "idle_since",
         "lines", "special", "status", "interim", "no_body", "reset_parser", "uses", "head_done",
-        "eof_body", "tunnel", "length", "head_bytes",
+        "eof_body", "tunnel", "length", "head_bytes", "trailers",
     )
 
     def __init__(self, pool, key: str) -> None:
@@ -45,6 +46,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_bytes = 0  # read while the response head was incomplete (bounded)
         self.eof_body = False
         self.tunnel = None  # after a 101: the Exchange relaying raw bytes both ways
+        self.trailers = TrailerSink(pool.max_head_bytes, UpstreamBadResponse)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("idle" if self.idle else "active")
@@ -92,7 +94,9 @@ class UpstreamConnection(asyncio.Protocol):
         except HttpParserError as exc:
             if self.exchange is ex:
                 self.closed = True
-                ex.upstream_failed(UpstreamBadResponse(f"malformed upstream response: {exc}"), self)
+                cause = exc.__context__  # what a callback raised (httptools chains it)
+                ex.upstream_failed(cause if isinstance(cause, UpstreamBadResponse)
+                                   else UpstreamBadResponse(f"malformed upstream response: {exc}"), self)
             else:  # released or dropped during this read, and bytes past its response
                 self._out_of_sync()
             return
@@ -168,6 +172,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_done = True
         ex = self.exchange
         ex.on_response_head(self, status, self.lines, self.special)
+        self.lines = self.special = trailers = self.trailers  # on_header's fields are trailers now
+        trailers.size = 0
         if self.no_body and self.exchange is ex:  # (not when ex refused the head)
             self.reset_parser = True  # llhttp would wait for the body a HEAD response lacks
             ex.on_response_complete(self, self.parser.should_keep_alive())

@@ -155,3 +155,81 @@ async def test_a_failed_upstream_connect_after_a_big_body_leaves_the_connection_
         head, _ = await read_response(reader)  # a hang fails here
         assert head.startswith(b"HTTP/1.1 502 ") and b"connection: close" not in head.lower(), (i, head)
     writer.close()
+
+
+async def test_request_trailers_are_dropped_and_bounded(stax_gateway):
+    """Trailer fields reach llhttp's header callback after the body: stax drops them (a small
+    one changes nothing) and counts them against the 32 KiB head limit. Once they were kept,
+    unbounded: 24 MB of trailers took a gateway from 43 to 979 MB."""
+    port = int(stax_gateway["url"].rsplit(":", 1)[1])
+    head = b"POST /sink HTTP/1.1\r\nHost: big\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + b"x-checksum: abc\r\n\r\n")
+    resp, body = await read_response(reader)
+    writer.close()
+    assert resp.startswith(b"HTTP/1.1 200") and b'"size": 5' in body
+    assert stax_gateway["up"].seen[-1]["size"] == 5
+
+    pid = stax_gateway["proc"].pid
+    base = memory_kb(pid)["VmRSS"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    block = (b"x-trailer-field: " + b"v" * 40 + b"\r\n") * 10_000
+    try:
+        for _ in range(400):  # 24 MB
+            writer.write(block)
+            await asyncio.wait_for(writer.drain(), 5)
+    except (ConnectionError, TimeoutError):
+        pass  # refused and closed before all of it was sent
+    resp = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert resp.startswith(b"HTTP/1.1 431") and b"trailer fields over 32768 bytes" in resp, resp[:300]
+    assert memory_kb(pid)["VmRSS"] - base < 20 * 1024
+
+
+async def test_response_trailers_are_dropped_and_bounded(tmp_path, proxies):
+    """An upstream's trailers are dropped too; past 64 KiB of them the response is cut off
+    (the client never sees it complete) and the upstream connection is not reused."""
+    conns = []
+
+    async def handle(reader, writer):
+        conns.append(writer)
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n")
+            try:
+                if b"GET /endless" in head:
+                    for _ in range(50):  # 3 MB of trailer fields
+                        writer.write((b"x-t: " + b"v" * 55 + b"\r\n") * 1000)
+                        await writer.drain()
+                writer.write(b"x-sum: 1\r\n\r\n")
+            except ConnectionError:
+                return  # stax dropped it
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    path = write_graph(tmp_path / "g.yaml", {"baseline": "base", "envs": {
+        "base": {"services": {"svc": {"endpoints": [f"127.0.0.1:{server.sockets[0].getsockname()[1]}"]}}}}})
+    rt = await proxies("gateway", graph=path)
+    port = port_of(rt, "gateway")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /small HTTP/1.1\r\nHost: svc\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head
+    assert await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5) == b"3\r\nabc\r\n0\r\n\r\n"  # dropped
+    writer.write(b"GET /endless HTTP/1.1\r\nHost: svc\r\n\r\n")
+    rest = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), 5):
+            rest += chunk
+    except ConnectionError:
+        pass
+    writer.close()
+    assert b"x-t" not in rest and not rest.endswith(b"0\r\n\r\n")  # cut off, never complete
+    async with aiohttp.ClientSession() as s:  # the proxy goes on, on a new upstream connection
+        async with s.get(f"http://127.0.0.1:{port}/small", headers={"Host": "svc"}) as r:
+            assert r.status == 200 and await r.read() == b"abc"
+    assert len(conns) == 2
+    server.close()
