@@ -373,6 +373,8 @@ class Exchange:
             elif conn.transport.can_write_eof():  # the client half-closed before the 101
                 conn.transport.write_eof()
         self.early = None
+        if "upgrade" in self.client.paused:
+            self.client.resume_reading("upgrade")
         self._arm_idle()
 
     def client_data(self, data: bytes) -> None:
@@ -385,10 +387,14 @@ class Exchange:
                 transport.write(data)
             elif transport.can_write_eof():
                 transport.write_eof()
-        elif self.early is None:
-            self.early = [data]
         else:
-            self.early.append(data)  # passed on in order once the 101 arrives (on_upgrade)
+            if self.early is None:
+                self.early = [data]
+            else:
+                self.early.append(data)  # passed on in order once the 101 arrives (on_upgrade)
+            self.body_bytes += len(data)  # an Upgrade request has no body: these are its bytes
+            if self.body_bytes > BODY_RETRY_LIMIT:  # held, not streamed: stop reading for now
+                self.client.pause_reading("upgrade")
 
     def upstream_data(self, data: bytes) -> None:
         self.last_activity = time.monotonic()

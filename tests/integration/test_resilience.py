@@ -243,6 +243,51 @@ async def test_a_tunnel_client_that_half_closes_before_the_101(tmp_path, proxies
     assert rt.inflight == 0 and rt.pool.active == 0
 
 
+async def test_bytes_ahead_of_a_slow_101_are_bounded(tmp_path, proxies):
+    """A client streaming after its Upgrade head while the upstream has not switched yet:
+    stax holds 64 KiB of it (about one read more), then stops reading until the 101, and
+    then every byte goes through. Once it read on without a bound (1.4 GB in 4 s)."""
+    switch = asyncio.Event()
+    received = {"n": 0}
+    total = 32 * 1024 * 1024
+
+    async def slow_switch(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        await switch.wait()
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\n")
+        while data := await reader.read(1 << 20):
+            received["n"] += len(data)
+        writer.close()
+
+    server = await asyncio.start_server(slow_switch, "127.0.0.1", 0)
+    rt, _ = await gateway(proxies, tmp_path, graph({"raw": [f"127.0.0.1:{server.sockets[0].getsockname()[1]}"]}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(rt, "gateway"))
+    writer.write(b"GET / HTTP/1.1\r\nHost: raw\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\n")
+
+    async def stream():
+        block = b"x" * (1 << 20)
+        for _ in range(total // len(block)):
+            writer.write(block)
+            await writer.drain()
+        writer.write_eof()
+
+    sending = asyncio.ensure_future(stream())
+    await asyncio.sleep(1.0)  # ample for 32 MB on loopback, were they read
+    (conn,) = rt.connections
+    held = sum(len(chunk) for chunk in conn.exchange.early)
+    assert not sending.done() and held <= 64 * 1024 + 256 * 1024, held
+    switch.set()
+    await asyncio.wait_for(sending, 10)
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 101")
+    for _ in range(200):
+        if received["n"] == total:
+            break
+        await asyncio.sleep(0.02)
+    assert received["n"] == total
+    writer.close()
+    server.close()
+
+
 @pytest.fixture
 def ca():
     trustme = pytest.importorskip("trustme", reason="trustme makes the test CA")
