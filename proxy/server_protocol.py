@@ -135,6 +135,9 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return None  # lingering: the client is done sending; close now
         if self.tunnel is not None:
+            conn = self.tunnel.conn
+            if conn is not None and conn.half_closed:
+                return None  # both sides have half-closed: closing ends the tunnel
             # not before the 101 and the bytes sent ahead of it: the Exchange keeps the order
             self.tunnel.client_data(b"")
             return True

@@ -20,7 +20,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "pool", "key", "transport", "parser", "exchange", "closed", "idle", "idle_since",
         "lines", "special", "status", "interim", "no_body", "reset_parser", "uses", "head_done",
-        "eof_body", "tunnel", "length", "head_bytes", "trailers",
+        "eof_body", "tunnel", "length", "head_bytes", "trailers", "half_closed",
     )
 
     def __init__(self, pool, key: str) -> None:
@@ -47,6 +47,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.eof_body = False
         self.tunnel = None  # after a 101: the Exchange relaying raw bytes both ways
         self.trailers = TrailerSink(pool.max_head_bytes, UpstreamBadResponse)
+        self.half_closed = False  # in a tunnel: the upstream sent FIN, the client may go on
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("idle" if self.idle else "active")
@@ -127,6 +128,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.discard(self)  # out of the idle stack too
         else:
             self.abort()  # already dropped (discarded) while the read was parsed
+
+    def eof_received(self) -> bool | None:
+        """In a tunnel the upstream's half-close reaches the client, which may go on sending;
+        once both sides have half-closed, closing ends the tunnel (connection_lost)."""
+        ex = self.tunnel
+        if ex is None or ex.client.eof:
+            return None
+        self.half_closed = True
+        ex.upstream_data(b"")
+        return True
 
     def connection_lost(self, exc) -> None:
         self.closed = True

@@ -397,8 +397,12 @@ class Exchange:
                 self.client.pause_reading("upgrade")
 
     def upstream_data(self, data: bytes) -> None:
+        """Raw upstream bytes in a tunnel; b"": the upstream half-closed."""
         self.last_activity = time.monotonic()
-        self.client.write(data)
+        if data:
+            self.client.write(data)
+        elif not self.client.closed and self.client.transport.can_write_eof():
+            self.client.transport.write_eof()
 
     def tunnel_closed(self) -> None:
         """Either side of a tunnel closed: close the other, count the request once."""

@@ -243,6 +243,38 @@ async def test_a_tunnel_client_that_half_closes_before_the_101(tmp_path, proxies
     assert rt.inflight == 0 and rt.pool.active == 0
 
 
+async def test_an_upstream_half_close_in_a_tunnel_leaves_the_client_sending(tmp_path, proxies):
+    """The upstream says its last word and half-closes: the client reads to EOF, then still
+    sends, and the upstream gets it (once the upstream's FIN closed the whole tunnel). When
+    the client half-closes too, the tunnel ends and its slot is released."""
+    got = []
+
+    async def says_bye_first(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\nbye")
+        writer.write_eof()
+        while data := await reader.read(65536):
+            got.append(data)
+        writer.close()
+
+    server = await asyncio.start_server(says_bye_first, "127.0.0.1", 0)
+    rt, _ = await gateway(proxies, tmp_path, graph({"raw": [f"127.0.0.1:{server.sockets[0].getsockname()[1]}"]}))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(rt, "gateway"))
+    writer.write(b"GET / HTTP/1.1\r\nHost: raw\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\n")
+    out = await asyncio.wait_for(reader.read(), 5)  # to the upstream's FIN
+    assert out.startswith(b"HTTP/1.1 101") and out.endswith(b"\r\n\r\nbye")
+    writer.write(b"late words")
+    writer.write_eof()
+    for _ in range(100):
+        if rt.inflight == 0:
+            break
+        await asyncio.sleep(0.02)
+    writer.close()
+    server.close()
+    assert b"".join(got) == b"late words"
+    assert rt.inflight == 0 and rt.pool.active == 0
+
+
 async def test_bytes_ahead_of_a_slow_101_are_bounded(tmp_path, proxies):
     """A client streaming after its Upgrade head while the upstream has not switched yet:
     stax holds 64 KiB of it (about one read more), then stops reading until the 101, and
