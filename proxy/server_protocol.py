@@ -13,7 +13,7 @@ from collections import deque
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from resolver.errors import BadRequest, HeadersTooLarge, RequestTimeout, StaxError
+from resolver.errors import BadRequest, HeadersTooLarge, Overloaded, RequestTimeout, StaxError
 
 from .errors import error_response, rescue
 from .request import LONG_BODY, Request
@@ -22,6 +22,7 @@ from .trailers import TrailerSink
 # How long a connection closed with a request body still coming discards what the client
 # sends before closing for good (nginx's lingering_timeout is 5 s too).
 LINGER_S = 5.0
+MAX_PIPELINED = 256  # requests queued behind the one in flight on a connection (~100 KB)
 
 
 class _Queued:
@@ -248,6 +249,10 @@ class ClientConnection(asyncio.Protocol):
         self.headers = trailers = self.trailers  # on_header's fields from here on are trailers
         trailers.size = 0
         if pipelined:
+            if len(self.queue) >= MAX_PIPELINED:
+                # llhttp parses a whole read ahead: without a bound, 256 KiB of tiny requests
+                # would queue ~10,000 (MBs held per connection); stops llhttp, answered in turn
+                raise Overloaded(f"more than {MAX_PIPELINED} pipelined requests waiting")
             self.queue.append(_Queued(req))  # wait for the one in flight
             self.pause_reading("pipeline")
             return

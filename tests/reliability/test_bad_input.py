@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import aiohttp
 import orjson
@@ -103,6 +104,19 @@ async def test_pipelined_requests_are_answered_in_order(edge):
                             b"GET /3 HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
     assert out.count(b"HTTP/1.1 200") == 3
     assert out.index(b'"path":"/1"') < out.index(b'"path":"/2"') < out.index(b'"path":"/3"')
+
+
+async def test_pipelining_deeper_than_256_is_refused_after_the_first_are_answered(edge):
+    """llhttp parses a whole read ahead, so 256 KiB of tiny pipelined requests once queued
+    ~10,000 Request objects per connection (MBs each). stax queues 256 behind the one in
+    flight: those 257 are answered in order, then 503 `overloaded`, then close."""
+    out = await raw_request(edge["port"], b"".join(
+        b"GET /%d HTTP/1.1\r\nHost: web\r\n\r\n" % i for i in range(400)), read_timeout=5)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", out)  # bodies end without CRLF
+    assert statuses == [b"200"] * 257 + [b"503"], statuses
+    assert b"more than 256 pipelined requests waiting" in out and out.rstrip().endswith(b"}")
+    assert [r["path"] for r in edge["web"].seen] == [f"/{i}" for i in range(257)]
+    await still_serves(edge)
 
 
 async def test_a_head_begun_in_the_same_read_as_a_body_is_not_counted_with_it(edge):
