@@ -187,6 +187,19 @@ def gateway_process(graph, *extra: str, env: dict | None = None,
     return proc, port, admin
 
 
+@contextlib.asynccontextmanager
+async def running_gateway(graph, *extra: str):
+    """`stax gateway` as a real process, ready: yields (process, listen port, admin port);
+    terminated at the end."""
+    proc, port, admin = gateway_process(graph, *extra)
+    try:
+        await wait_ready(admin, proc)
+        yield proc, port, admin
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 async def wait_ready(port: int, proc) -> None:
     async with aiohttp.ClientSession() as s:
         for _ in range(100):

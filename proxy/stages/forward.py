@@ -368,10 +368,7 @@ class Exchange:
         if rest:
             self.client.write(rest)
         for chunk in self.early or ():
-            if chunk:
-                conn.transport.write(chunk)
-            elif conn.transport.can_write_eof():  # the client half-closed before the 101
-                conn.transport.write_eof()
+            _relay(conn.transport, chunk)  # b"": the client half-closed before the 101
         self.early = None
         if "upgrade" in self.client.paused:
             self.client.resume_reading("upgrade")
@@ -382,11 +379,7 @@ class Exchange:
         b"": the client half-closed."""
         self.last_activity = time.monotonic()
         if self.tunnel:
-            transport = self.conn.transport
-            if data:
-                transport.write(data)
-            elif transport.can_write_eof():
-                transport.write_eof()
+            _relay(self.conn.transport, data)
         else:
             if self.early is None:
                 self.early = [data]
@@ -399,10 +392,8 @@ class Exchange:
     def upstream_data(self, data: bytes) -> None:
         """Raw upstream bytes in a tunnel; b"": the upstream half-closed."""
         self.last_activity = time.monotonic()
-        if data:
-            self.client.write(data)
-        elif not self.client.closed and self.client.transport.can_write_eof():
-            self.client.transport.write_eof()
+        if not self.client.closed:
+            _relay(self.client.transport, data)  # in a tunnel the client's wbuf is never set
 
     def tunnel_closed(self) -> None:
         """Either side of a tunnel closed: close the other, count the request once."""
@@ -548,6 +539,14 @@ def _codings(te: bytes) -> tuple[bytes, bool]:
     if not to_close:
         tokens.pop()
     return b"transfer-encoding: " + b"".join(t + b", " for t in tokens) + b"chunked\r\n", to_close
+
+
+def _relay(transport, data: bytes) -> None:
+    """One side's bytes to the other in a tunnel; b"" passes on a half-close."""
+    if data:
+        transport.write(data)
+    elif transport.can_write_eof():
+        transport.write_eof()
 
 
 def _frame(chunk: bytes, chunked: bool) -> bytes:

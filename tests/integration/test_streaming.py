@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from loadtests.common import free_port, memory_kb
-from tests.servers import gateway_process, port_of, read_response, wait_ready, write_graph
+from tests.servers import port_of, read_response, running_gateway, write_graph
 
 pytestmark = pytest.mark.asyncio
 MB = 1 << 20
@@ -22,13 +22,8 @@ async def stax_gateway(tmp_path, upstreams):
     (up,) = await upstreams("big")
     path = write_graph(tmp_path / "g.yaml", {"baseline": "base", "envs": {
         "base": {"services": {"big": {"endpoints": [up.addr]}}}}})
-    proc, port, admin = gateway_process(path)
-    try:
-        await wait_ready(admin, proc)
+    async with running_gateway(path) as (proc, port, _):
         yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "up": up}
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 async def test_200mb_each_way_with_slow_reader_bounded_memory(stax_gateway):

@@ -13,11 +13,10 @@ import pytest
 
 from proxy.stages.policy import mint_token
 from tests.servers import (
-    gateway_process,
     port_of,
     raw_request,
     read_response,
-    wait_ready,
+    running_gateway,
     write_graph,
 )
 
@@ -171,13 +170,8 @@ async def edge_process(tmp_path, upstreams):
     proxy's event loop, and the timing that makes a reset does not happen."""
     (web,) = await upstreams("web")
     path = write_graph(tmp_path / "g.yaml", {"baseline": "b", "envs": {"b": {"services": {"web": {"endpoints": [web.addr]}}}}})
-    proc, port, admin = gateway_process(path)
-    try:
-        await wait_ready(admin, proc)
+    async with running_gateway(path) as (_, port, _):
         yield port, web
-    finally:
-        proc.terminate()
-        proc.wait()
 
 
 async def read_to_eof(port: int, *writes: bytes, pause: float = 0.0) -> bytes:
