@@ -13,6 +13,10 @@ only the in-process time per request (best of 5), which is as noisy as the machi
     python -m loadtests.icount --mode sidecar     # the sidecar's egress listener
     python -m loadtests.icount --mode floor       # the featureless Python floor, for reference
     python -m loadtests.icount --functions 20     # bytecodes and calls per request, by function
+    STAX_PURE=1 python -m loadtests.icount        # the sources interpreted, not the compiled path
+
+--functions counts the bytecodes of the sources: with the request path compiled, it runs itself
+again with STAX_PURE=1.
     python -m loadtests.icount --footprint        # L1 data misses per request by L1 size
 
 Tracing with an exporter is measured by the bench (`--targets stax-gateway-otlp,...`).
@@ -34,6 +38,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import uvloop
+
+from proxy import compiled
 
 from .bench.load import TRACEPARENT
 from .common import small_graph
@@ -263,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.run(drive(args.mode, args.requests, timed=False))
         return 0
     if args.functions:
+        if compiled():  # compiled code runs no bytecodes: count those of its sources, interpreted
+            return subprocess.run([sys.executable, "-m", "loadtests.icount", *(sys.argv[1:] if argv is None else argv)],
+                                  env={**os.environ, "STAX_PURE": "1"}).returncode
         prof = uvloop.run(bytecodes(args.mode, min(args.requests, 1000)))  # traced: ~100x slower
         prof["functions"] = prof["functions"][:args.functions]
         if args.json:
@@ -286,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  L1 {kib:4d} KiB: {m:8,.0f}")
         return 0
     us = uvloop.run(drive(args.mode, args.requests, timed=True))
-    result = {"mode": args.mode, "requests": args.requests,
+    result = {"mode": args.mode, "requests": args.requests, "compiled": compiled(),
               "us_per_request_in_process": us, "instructions_per_request": None}
     if shutil.which("valgrind"):
         base = callgrind_total(args, 0)
@@ -294,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    what = "the Python floor" if args.mode == "floor" else f"stax {args.mode}"
+    what = "the Python floor" if args.mode == "floor" else (
+        f"stax {args.mode} ({'compiled' if result['compiled'] else 'interpreted'})")
     print(f"{what}: {us:.2f} µs per request in-process (best of 5 x {args.requests:,}; as noisy as the machine)")
     if result["instructions_per_request"] is None:
         print("valgrind is not installed (apt-get install valgrind): no instruction count")

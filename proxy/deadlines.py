@@ -8,6 +8,7 @@ max(10 ms, 5% of the shortest timeout waiting), which keeps the scan rare for lo
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 TICK_MIN_S = 0.01
@@ -20,7 +21,7 @@ class Deadlines:
     def __init__(self, loop) -> None:
         self.loop = loop
         self.waiting: dict = {}  # exchange -> monotonic deadline; exchanges pop themselves
-        self.handle = None
+        self.handle: asyncio.TimerHandle | None = None
         self.tick_s = 0.0
         self.shortest = 0.0  # the shortest timeout seen since the dict was last empty
 

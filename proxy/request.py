@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from resolver.snapshot import Route
+
 LONG_BODY = 1 << 20
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
@@ -46,7 +51,7 @@ class Request:
         self.upgrade: bytes | None = None  # the Upgrade header of a `Connection: upgrade` request
         self.env: str | None = None
         self.service: str | None = None
-        self.route = None
+        self.route: Route | None = None
         self.hops = 0
         self.trace_id = self.span_id = b""
         self.parent_id = b""  # the caller's span id, from a valid incoming traceparent
@@ -64,7 +69,7 @@ class Request:
         self.h_cookie: bytes | None = None
         self.h_xff: bytes | None = None
         self.h_xfp: bytes | None = None
-        self.span = None  # OpenTelemetry server span, only when tracing is configured
+        self.span: Any = None  # OpenTelemetry server span, only when tracing is configured
         # `Connection: keep-alive` asked: the response says it back, as an HTTP/1.0 client
         # needs to keep the connection (RFC 9112 C.2.2)
         self.echo_keep_alive = False

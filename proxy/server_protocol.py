@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -18,6 +19,9 @@ from resolver.errors import BadRequest, HeadersTooLarge, Overloaded, RequestTime
 from .errors import error_response, rescue
 from .request import LONG_BODY, Request
 from .trailers import TrailerSink
+
+if TYPE_CHECKING:
+    from .stages.forward import Exchange
 
 # How long a connection closed with a request body still coming discards what the client
 # sends before closing for good (nginx's lingering_timeout is 5 s too).
@@ -38,16 +42,16 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, runtime, scheme: bytes) -> None:
         self.server = runtime
         self.scheme = scheme
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made sets it
         self.parser = HttpRequestParser(self)
         self.peer = ""
         self.forwarded = b""
         self.url = b""
-        self.headers: list = []
+        self.headers: Any = []  # a list, or the TrailerSink once the head is parsed
         self.head_bytes = 0  # bytes of the current head read while it was incomplete (-1: begun in this read)
         self.read_len = 0  # length of the read being parsed
         self.in_head = False
-        self.exchange = None  # the request being forwarded
+        self.exchange: Exchange | None = None  # the request being forwarded
         self.current: _Queued | None = None  # a request whose body must be consumed (error path)
         self.swallowed = 0  # bytes of current's body dropped so far (bounded by LONG_BODY)
         self.queue: deque[_Queued] = deque()
@@ -55,7 +59,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.paused: set[str] = set()
         self.deadline = 0.0  # header-read or keep-alive deadline (-1: idle, not yet stamped)
-        self.tunnel = None  # the Exchange relaying raw bytes after an Upgrade
+        self.tunnel: Exchange | None = None  # the Exchange relaying raw bytes after an Upgrade
         # Set while an upstream read is processed: what it produces for this client, written
         # once at the end (the Exchange's response callbacks, which only run then, append here).
         self.wbuf: list[bytes] | None = None

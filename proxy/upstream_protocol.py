@@ -4,6 +4,7 @@ Exchange currently attached. Nothing here decides policy."""
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -11,6 +12,9 @@ from resolver.errors import UpstreamBadResponse
 
 from .request import HOP_BY_HOP
 from .trailers import TrailerSink
+
+if TYPE_CHECKING:
+    from .stages.forward import Exchange
 
 # Response headers stax interprets; every other header is forwarded as one ready line.
 INTERPRETED = HOP_BY_HOP | {b"content-length", b"x-stax-route"}
@@ -26,16 +30,16 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool, key: str) -> None:
         self.pool = pool
         self.key = key
-        self.transport: asyncio.Transport | None = None
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made sets it
         self.parser = HttpResponseParser(self)
-        self.exchange = None
+        self.exchange: Exchange | None = None
         self.closed = False
         self.idle = False
         self.idle_since = 0.0
-        self.lines: list[bytes] = [b""]  # [status line, name, b": ", value, b"\r\n", ...]
+        self.lines: Any = [b""]  # (the TrailerSink once the head is parsed) [status line, name, b": ", value, b"\r\n", ...]
         # (lowercased name, value) of the INTERPRETED headers, less a plain `Connection:
         # keep-alive` (it says nothing here) and Content-Length (llhttp refuses a second one):
-        self.special: list = []
+        self.special: Any = []
         self.length: bytes | None = None
         self.status = 0
         self.interim = False
@@ -45,7 +49,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_done = False
         self.head_bytes = 0  # read while the response head was incomplete (bounded)
         self.eof_body = False
-        self.tunnel = None  # after a 101: the Exchange relaying raw bytes both ways
+        self.tunnel: Exchange | None = None  # after a 101: the Exchange relaying raw bytes both ways
         self.trailers = TrailerSink(pool.max_head_bytes, UpstreamBadResponse)
         self.half_closed = False  # in a tunnel: the upstream sent FIN, the client may go on
 
@@ -182,6 +186,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.head_done = True
         ex = self.exchange
+        # None: a response past the one asked for (the exchange was released in this read);
+        # raising makes it a parser error, and data_received drops the connection
+        assert ex is not None
         ex.on_response_head(self, status, self.lines, self.special)
         self.lines = self.special = trailers = self.trailers  # on_header's fields are trailers now
         trailers.size = 0
@@ -191,7 +198,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if not self.no_body:
-            self.exchange.on_response_body(body)
+            ex = self.exchange
+            assert ex is not None
+            ex.on_response_body(body)
 
     def on_message_complete(self) -> None:
         if self.interim:
@@ -199,4 +208,6 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.no_body or self.status == 101:
             return  # HEAD: already complete; 101: the tunnel starts in on_upgrade
-        self.exchange.on_response_complete(self, self.parser.should_keep_alive())
+        ex = self.exchange
+        assert ex is not None
+        ex.on_response_complete(self, self.parser.should_keep_alive())

@@ -46,8 +46,8 @@ class Route:
             picks = tuple(e for e in endpoints for _ in range(e.weight))
             self.picks = picks if len(picks) <= 10000 else endpoints
         self.rr = 0
-        self.stats = None
-        self.budget = None  # the proxy's retry-budget cell for this service
+        self.stats: Any = None  # the proxy's metric cells for this route
+        self.budget: Any = None  # the proxy's retry-budget cell for this service
 
     def __repr__(self) -> str:
         return f"<Route {self.header.decode()} endpoints={len(self.endpoints)}>"

@@ -130,8 +130,8 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
         elif header is not None:
             req.env = _check_name(header, "x-stax-env")
         else:
-            found = fallback(req) if fallback is not None else None
-            req.env = found if found is not None else default_env(req)
+            chosen = fallback(req) if fallback is not None else None
+            req.env = chosen if chosen is not None else default_env(req)
 
         parsed = parse_traceparent(req.h_traceparent)
         if parsed is None:

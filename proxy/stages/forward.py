@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
+from typing import TYPE_CHECKING, Any
 
 from resolver.errors import (
     Overloaded,
@@ -26,6 +27,12 @@ from ..errors import STATUS_LINES, status_line
 from ..outbox import Outbox
 from ..request import IDEMPOTENT, Request
 from .context import context_lines
+
+if TYPE_CHECKING:
+    from resolver.model import Endpoint
+    from resolver.snapshot import Route
+
+    from ..upstream_protocol import UpstreamConnection
 
 BODY_RETRY_LIMIT = 64 * 1024
 _LOCAL_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
@@ -60,6 +67,7 @@ class Forwarder:
 
     def start(self, client, req: Request) -> Exchange:
         route = req.route
+        assert route is not None  # the route stage ran
         cell = route.budget
         if cell is None:
             cell = route.budget = self.budget.cell(route.service)
@@ -81,14 +89,14 @@ class Exchange:
         self.fw = fw
         self.client = client
         self.req = req
-        self.route = req.route
+        self.route: Route = req.route  # type: ignore[assignment]  # checked by Forwarder.start
         self.head = _request_head(req, client)
         has_body = req.chunked or bool(req.content_length)
         self.body: list[bytes] | None = [] if has_body else None
         self.body_bytes = 0
         self.body_done = not has_body
         self.body_streamed = False  # some body went upstream unbuffered: no retry possible
-        self.conn = None
+        self.conn: UpstreamConnection | None = None
         self.attempt = 0
         self.tried: list | None = None  # endpoints of failed attempts, made on the first retry
         self.timer_on = False  # waiting in fw.deadlines for the response head
@@ -99,11 +107,11 @@ class Exchange:
         self.resp_close = False
         self.status = 0
         self.t0 = self.last_activity = req.started
-        self.endpoint = None
-        self.connecting = None
+        self.endpoint: Endpoint | None = None
+        self.connecting: asyncio.Future | None = None
         self.tunnel = False
         self.early: list[bytes] | None = None  # client bytes after an Upgrade head, before the 101 (b"": EOF)
-        self.cspan = None  # OpenTelemetry client span of the current attempt
+        self.cspan: Any = None  # OpenTelemetry client span of the current attempt
         self.need_idle = False  # arm the body idle timer once this read is processed
 
     def __repr__(self) -> str:
@@ -379,7 +387,7 @@ class Exchange:
         b"": the client half-closed."""
         self.last_activity = time.monotonic()
         if self.tunnel:
-            _relay(self.conn.transport, data)
+            _relay(self.conn.transport, data)  # type: ignore[union-attr]  # a tunnel has its conn
         else:
             if self.early is None:
                 self.early = [data]
@@ -569,8 +577,8 @@ def _request_head(req: Request, client) -> bytes:
         if lname in skip:
             continue
         out.append(name + b": " + value + b"\r\n")
-    out += (req.context_lines or context_lines(req.env, req.baggage), req.trace_id, b"-",
-            req.span_id, b"-", req.trace_flags,
+    out += (req.context_lines or context_lines(req.env, req.baggage),  # type: ignore[arg-type]
+            req.trace_id, b"-", req.span_id, b"-", req.trace_flags,
             _HOPS_LINES[req.hops] if req.hops < 64 else b"\r\nx-stax-hops: %d\r\n" % req.hops)
     if req.h_xff is None and req.h_xfp is None:
         out.append(client.forwarded)

@@ -27,7 +27,7 @@ def mint_token(key: bytes, env: str, ttl_s: int, *, now: float | None = None) ->
     return f"{env}.{expiry}.{hmac.new(key, msg, hashlib.sha256).hexdigest()}"
 
 
-def token_error(key: bytes | None, token: bytes | None, env: str) -> str | None:
+def token_error(key: bytes | None, token: bytes | None, env: str | None) -> str | None:
     """None when `token` is valid for `env`, else the reason."""
     if key is None:
         return "no env token key is configured at this gateway"

@@ -10,7 +10,7 @@ import re
 from resolver.errors import BadRequest, MisdirectedRequest, NoGraph, NoProvider, NoRoute
 from resolver.layered_config import route_settings
 from resolver.model import Endpoint
-from resolver.snapshot import shared_route
+from resolver.snapshot import Snapshot, shared_route
 from resolver.sync import SnapshotCell
 from resolver.validate import NAME_RE, excerpt
 
@@ -42,6 +42,7 @@ def _resolve(cell: SnapshotCell, req: Request, service: str) -> None:
     if snap is None:
         raise NoGraph("no graph loaded yet")
     req.service = service
+    assert req.env is not None  # the context stage ran
     try:
         req.route = snap.resolve(req.env, service)
     except NoProvider:
@@ -69,7 +70,8 @@ def make_gateway_route(cell: SnapshotCell, prefixes: list[tuple[bytes, str]]):
 def _route_by_host(cell: SnapshotCell, req: Request, missing: str) -> None:
     if req.path[:1] != b"/":  # absolute-form: route by its authority, forward origin-form
         _absolute_to_origin(req)
-    service = _SERVICES.get(req.host)  # the memo's hit inline: one call less per request
+    # the memo's hit inline: one call less per request (None, no Host, is never in it)
+    service = _SERVICES.get(req.host)  # type: ignore[arg-type]
     if service is None:
         service = service_from_host(req.host)
         if service is None:
@@ -87,7 +89,7 @@ def _absolute_to_origin(req: Request) -> None:
     scheme, sep, rest = target.partition(b"://")
     if not sep or scheme.lower() not in (b"http", b"https"):
         raise NoRoute("request target is neither origin-form nor http absolute-form")
-    authority, path = _AUTHORITY(rest).groups()  # it ends at "/", "?" or "#" (RFC 3986 3.2)
+    authority, path = _AUTHORITY(rest).groups()  # type: ignore[union-attr]  # always matches  # it ends at "/", "?" or "#" (RFC 3986 3.2)
     if b"@" in authority:
         raise NoRoute("userinfo in request target is not allowed")
     req.path = normalize_path(path if path[:1] == b"/" else b"/" + path)
@@ -113,7 +115,7 @@ def make_ingress_route(cell: SnapshotCell, *, env: str, service: str, app: Endpo
     refused (421): serving it here would leak it out of its overlay scope."""
     memo: dict = {}  # env -> Route, for the snapshot `memo_of`
     routes: dict = {}  # one Route per distinct answer (shared_route), as in Snapshot
-    memo_of = None
+    memo_of: Snapshot | None = None
 
     def route(req: Request) -> None:
         nonlocal memo_of
@@ -125,6 +127,7 @@ def make_ingress_route(cell: SnapshotCell, *, env: str, service: str, app: Endpo
             memo.clear()
             routes.clear()
             memo_of = snap
+        assert req.env is not None  # the context stage ran
         found = memo.get(req.env)
         if found is None:
             chain = snap.chain(req.env)  # raises UnknownEnv
