@@ -31,7 +31,8 @@ def _extensions() -> list:
     from mypyc.build import mypycify
 
     # silent: modules outside HOT_PATH are read for their types, not checked
-    return mypycify(["--follow-imports=silent", "--ignore-missing-imports", *HOT_PATH],
+    return mypycify(["--follow-imports=silent", "--ignore-missing-imports", "--check-untyped-defs",
+                     *HOT_PATH],
                     group_name="proxy._compiled")
 
 

@@ -389,7 +389,7 @@ class ClientConnection(asyncio.Protocol):
         elif self.current is None:
             self._next()
 
-    def exchange_done(self, ex) -> None:
+    def exchange_done(self, ex: Exchange) -> None:
         self.exchange = None
         self.server.release()
         if self.paused:
@@ -436,13 +436,13 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed and self.exchange is None:
             self._next()
 
-    def tunnel_done(self, ex) -> None:
+    def tunnel_done(self, ex: Exchange) -> None:
         self.tunnel = None
         self.exchange = None
         self.server.release()
         self.close()
 
-    def exchange_failed(self, ex, err: StaxError) -> None:
+    def exchange_failed(self, ex: Exchange, err: StaxError) -> None:
         self.exchange = None
         self.server.release()
         if self.paused:

@@ -15,6 +15,7 @@ from .trailers import TrailerSink
 
 if TYPE_CHECKING:
     from .stages.forward import Exchange
+    from .upstream_pool import UpstreamPool
 
 # Response headers stax interprets; every other header is forwarded as one ready line.
 INTERPRETED = HOP_BY_HOP | {b"content-length", b"x-stax-route"}
@@ -27,7 +28,7 @@ class UpstreamConnection(asyncio.Protocol):
         "eof_body", "tunnel", "length", "head_bytes", "trailers", "half_closed",
     )
 
-    def __init__(self, pool, key: str) -> None:
+    def __init__(self, pool: UpstreamPool, key: str) -> None:
         self.pool = pool
         self.key = key
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made sets it
@@ -58,7 +59,7 @@ class UpstreamConnection(asyncio.Protocol):
         return f"<UpstreamConnection {self.key} {state} uses={self.uses}>"
 
     # -- used by the Exchange ----------------------------------------------------------------
-    def begin(self, exchange, no_body: bool) -> None:
+    def begin(self, exchange: Exchange, no_body: bool) -> None:
         """Start a request; the exchange writes it."""
         self.exchange = exchange
         self.lines = [b""]

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from resolver.model import Endpoint
     from resolver.snapshot import Route
 
+    from ..balancer import EndpointHealth, RetryBudget
+    from ..metrics import Stats
+    from ..server_protocol import ClientConnection
+    from ..upstream_pool import UpstreamPool
     from ..upstream_protocol import UpstreamConnection
 
 BODY_RETRY_LIMIT = 64 * 1024
@@ -44,7 +48,8 @@ _HOPS_LINES = tuple(b"\r\nx-stax-hops: %d\r\n" % n for n in range(64))  # ends t
 class Forwarder:
     """Shared state of the terminal stage: pool, balancing, health, metrics hooks."""
 
-    def __init__(self, pool, health, stats, budget, *, mode: str, tracing=None,
+    def __init__(self, pool: UpstreamPool, health: EndpointHealth, stats: Stats, budget: RetryBudget, *,
+                 mode: str, tracing=None,
                  access_log: bool = False) -> None:
         self.access_log = access_log
         self.tracing = tracing
@@ -65,7 +70,7 @@ class Forwarder:
 
             log_access(self.mode, req, status, duration, endpoint)
 
-    def start(self, client, req: Request) -> Exchange:
+    def start(self, client: ClientConnection, req: Request) -> Exchange:
         route = req.route
         assert route is not None  # the route stage ran
         cell = route.budget
@@ -85,7 +90,7 @@ class Exchange:
         "tunnel", "early", "cspan", "need_idle",
     )
 
-    def __init__(self, fw: Forwarder, client, req: Request) -> None:
+    def __init__(self, fw: Forwarder, client: ClientConnection, req: Request) -> None:
         self.fw = fw
         self.client = client
         self.req = req
@@ -170,7 +175,7 @@ class Exchange:
             return
         self._attach(conn)
 
-    def _attach(self, conn) -> None:
+    def _attach(self, conn: UpstreamConnection) -> None:
         self.conn = conn
         req = self.req
         data = self.head
@@ -194,7 +199,7 @@ class Exchange:
             conn.transport.write(data)  # the body follows on this transport: no holding back
             self._arm_idle()
 
-    def _attempt_failed(self, err: StaxError, conn) -> None:
+    def _attempt_failed(self, err: StaxError, conn: UpstreamConnection | None) -> None:
         if self.timer_on:
             self.timer_on = False
             self.fw.deadlines.waiting.pop(self, None)
@@ -256,7 +261,7 @@ class Exchange:
                 self.fw.deadlines.add(self, self.route.timeout_s)
 
     # -- response (upstream -> client) -------------------------------------------------------
-    def on_response_head(self, conn, status: int, lines: list, special: list) -> None:
+    def on_response_head(self, conn: UpstreamConnection, status: int, lines: list, special: list) -> None:
         """`lines`: [placeholder, then name, ": ", value, CRLF per forwarded header];
         `special`: (lowercased name, value) of the other headers stax interprets (hop-by-hop,
         X-Stax-Route); Content-Length is `conn.length`."""
@@ -336,7 +341,7 @@ class Exchange:
             out.append(b"connection: keep-alive\r\n")
         out.append(b"\r\n")
         self.responded = True
-        client.wbuf.extend(out)  # response callbacks run inside the upstream read: coalesced
+        client.wbuf.extend(out)  # type: ignore[union-attr]  # set for the upstream read: coalesced
         if not no_body:
             # Most bodies complete in the same read as the head: arming the idle timer after
             # the read (UpstreamConnection.data_received) spares a timer per request.
@@ -345,12 +350,13 @@ class Exchange:
     def on_response_body(self, chunk: bytes) -> None:
         """Inside the upstream read, like the head: appended to what it writes at its end."""
         self.last_activity = time.monotonic()
+        wbuf: list[bytes] = self.client.wbuf  # type: ignore[assignment]  # set for the upstream read
         if self.resp_chunked:
-            self.client.wbuf.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            wbuf.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
-            self.client.wbuf.append(chunk)
+            wbuf.append(chunk)
 
-    def on_response_complete(self, conn, keep_alive: bool) -> None:
+    def on_response_complete(self, conn: UpstreamConnection, keep_alive: bool) -> None:
         if self.done:
             return
         if self.resp_chunked:
@@ -365,7 +371,7 @@ class Exchange:
         self._finish()
 
     # -- Upgrade (WebSocket and friends): after a 101, a byte tunnel both ways -----------------
-    def on_upgrade(self, conn, rest: bytes) -> None:
+    def on_upgrade(self, conn: UpstreamConnection, rest: bytes) -> None:
         if self.status != 101 or self.req.upgrade is None:
             self.upstream_failed(UpstreamBadResponse("upstream switched protocols unasked"), conn)
             return
@@ -417,7 +423,7 @@ class Exchange:
         self._record(101)
         self.client.tunnel_done(self)
 
-    def upstream_failed(self, err: StaxError, conn) -> None:
+    def upstream_failed(self, err: StaxError, conn: UpstreamConnection) -> None:
         if self.done:
             self.fw.pool.discard(conn)
             return
@@ -427,7 +433,7 @@ class Exchange:
             return
         self._attempt_failed(err, conn)
 
-    def upstream_lost(self, conn, exc) -> None:
+    def upstream_lost(self, conn: UpstreamConnection, exc) -> None:
         if self.done:
             return
         if self.responded:  # a body that ends short must never look complete
@@ -569,7 +575,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _request_head(req: Request, client) -> bytes:
+def _request_head(req: Request, client: ClientConnection) -> bytes:
     """The upstream request head: hop-by-hop dropped, context headers rewritten."""
     out = [req.method, b" ", req.path, b" HTTP/1.1\r\n"]
     skip = req.hop_names  # NOT_COPIED, plus names listed in Connection
