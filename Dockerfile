@@ -14,16 +14,22 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
+# A C compiler for the mypyc-compiled request path (setup.py); only this stage has it.
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
 # A venv without pip: the runtime image gets stax and its dependencies, not the installer.
 RUN python -m venv --without-pip /opt/stax
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY resolver ./resolver
 COPY proxy ./proxy
 COPY control ./control
 # `otlp`: the OTLP/HTTP span exporter, so OTEL_TRACES_EXPORTER=otlp works in the image
+# The image fails to build rather than ship the interpreted request path by accident.
 RUN pip --python /opt/stax/bin/python install ".[otlp]" \
- && /opt/stax/bin/stax --help >/dev/null
+ && /opt/stax/bin/stax --help >/dev/null \
+ && cd / && /opt/stax/bin/python -c "import proxy, sys; sys.exit(not proxy.compiled())"
 
 # -- runtime: slim base, the venv, a non-root user --------------------------------------------
 FROM python:3.11-slim AS runtime

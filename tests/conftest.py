@@ -12,14 +12,14 @@ pytest_plugins = ["tests.redis_fixture", "tests.servers"]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def stale_compiled_modules() -> list[str]:
+def stale_compiled_modules(root: Path = ROOT) -> list[str]:
     """Sources edited since their compiled module was built: Python would still run the
     compiled one, so the tests would test old code."""
     stale = []
-    for so in ROOT.joinpath("proxy").rglob("*.so"):
+    for so in sorted(root.joinpath("proxy").rglob("*.so")):
         source = so.with_name(so.name.split(".", 1)[0] + ".py")
         if source.exists() and source.stat().st_mtime > so.stat().st_mtime:
-            stale.append(str(source.relative_to(ROOT)))
+            stale.append(str(source.relative_to(root)))
     return stale
 
 

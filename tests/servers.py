@@ -188,10 +188,10 @@ def gateway_process(graph, *extra: str, env: dict | None = None,
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(graph, *extra: str):
+async def running_gateway(graph, *extra: str, env: dict | None = None):
     """`stax gateway` as a real process, ready: yields (process, listen port, admin port);
-    terminated at the end."""
-    proc, port, admin = gateway_process(graph, *extra)
+    terminated at the end. `env`: the process's whole environment."""
+    proc, port, admin = gateway_process(graph, *extra, env=env)
     try:
         await wait_ready(admin, proc)
         yield proc, port, admin
