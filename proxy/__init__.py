@@ -1,6 +1,6 @@
 """The data plane. Its request path (HOT_PATH in setup.py) is compiled with mypyc when stax is
 installed where a C compiler is. STAX_PURE=1 runs the .py sources instead, as Python code:
-for tracebacks with line numbers, py-spy, pdb and icount's bytecode counts."""
+for pdb, py-spy and icount's bytecode counts, which do not see into compiled frames."""
 
 import os
 import sys

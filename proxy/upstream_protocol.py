@@ -37,7 +37,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.idle = False
         self.idle_since = 0.0
-        self.lines: Any = [b""]  # (the TrailerSink once the head is parsed) [status line, name, b": ", value, b"\r\n", ...]
+        # [status line, name, b": ", value, b"\r\n", ...]; the TrailerSink once the head is parsed
+        self.lines: Any = [b""]
         # (lowercased name, value) of the INTERPRETED headers, less a plain `Connection:
         # keep-alive` (it says nothing here) and Content-Length (llhttp refuses a second one):
         self.special: Any = []

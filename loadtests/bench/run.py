@@ -44,8 +44,9 @@ from .targets import (
 BODY_BYTES = {"small": len(SMALL_BODY), "16k": 16384, "1m": 1 << 20}
 ALL_TARGETS = ["direct", "nginx", "envoy", "envoy-lua", "aiohttp-naive", "python-floor", "stax-gateway", "stax-sidecar"]
 # Measured only when asked for (--targets), and reported apart: tracing with an exporter on
-# (console; OTLP/HTTP to the bench's sink, every request traced or 1% by trace id).
-EXTRA_TARGETS = ["stax-gateway-otel", "stax-gateway-otlp", "stax-gateway-otlp-1pct"]
+# (console; OTLP/HTTP to the bench's sink, every request traced or 1% by trace id), and the
+# gateway with its request path interpreted (STAX_PURE=1) rather than compiled.
+EXTRA_TARGETS = ["stax-gateway-otel", "stax-gateway-otlp", "stax-gateway-otlp-1pct", "stax-gateway-pure"]
 # The sampled-by-ratio target gets no traceparent (an edge's usual client): each request starts
 # its own trace, so the sampler keeps 1% of them (the bench's fixed trace id is all or nothing).
 OTLP_TARGETS = {  # name -> (OTEL_* settings beyond the exporter, LoadSpec settings)
@@ -282,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             "stax-gateway-otel": lambda: start_stax_gateway(tmp, graph, name="stax-gateway-otel",
                                                             exporter="console"),
             "stax-sidecar": lambda: start_stax_sidecar(tmp, graph, upstream.port),
+            # the request path's sources interpreted (STAX_PURE=1): what compiling it buys
+            "stax-gateway-pure": lambda: start_stax_gateway(tmp, graph, name="stax-gateway-pure", pure=True),
         }
         sink = None
         if OTLP_TARGETS.keys() & set(args.targets):

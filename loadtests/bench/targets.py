@@ -13,6 +13,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxy import compiled
+
 from ..common import free_port, process_tree, spawn, stax_bin, stop, wait_port
 
 PROXY_CORE, LOAD_CORE = 0, 1
@@ -240,22 +242,33 @@ def start_bare(tmp: Path, upstream: int) -> Target:
                                "asyncio.Protocol + httptools, no features")
 
 
+def build_note(env: dict | None = None) -> str:
+    """What a stax process started with `env` (over this one's) runs: the request path
+    compiled by mypyc, or its Python sources."""
+    if {**os.environ, **(env or {})}.get("STAX_PURE") == "1" or not compiled():
+        return "interpreted"
+    return "compiled (mypyc)"
+
+
 def start_stax_gateway(tmp: Path, graph: Path, *, name: str = "stax-gateway",
                        log_level: str = "warning", exporter: str | None = None,
-                       otel_env: dict | None = None, load: dict | None = None) -> Target:
+                       otel_env: dict | None = None, load: dict | None = None,
+                       pure: bool = False) -> Target:
     """`exporter`: OTEL_TRACES_EXPORTER; `otel_env`: more OTEL_* settings (endpoint, sampler);
-    `load`: LoadSpec settings for driving it."""
+    `load`: LoadSpec settings for driving it; `pure`: STAX_PURE=1, the sources interpreted."""
     port, admin = free_port(), free_port()
-    otel = {"OTEL_TRACES_EXPORTER": exporter, **(otel_env or {})} if exporter else {}
+    env = {"OTEL_TRACES_EXPORTER": exporter, **(otel_env or {})} if exporter else {}
+    if pure:
+        env["STAX_PURE"] = "1"
     proc = spawn([stax_bin(), "gateway", "--graph", str(graph), "--listen", f"127.0.0.1:{port}",
                   "--admin", f"127.0.0.1:{admin}", "--log-level", log_level],
-                 core=PROXY_CORE, log=tmp / f"{name}.out", env=otel)
+                 core=PROXY_CORE, log=tmp / f"{name}.out", env=env)
     wait_port(port, proc=proc, timeout=60)
-    note = "routing by Host, context, metrics"
+    note = f"routing by Host, context, metrics; {build_note(env)}"
     if exporter:
         note += f", OpenTelemetry spans to the {exporter} exporter (batch processor)"
-    if "OTEL_TRACES_SAMPLER" in otel:
-        note += f", sampler {otel['OTEL_TRACES_SAMPLER']} {otel.get('OTEL_TRACES_SAMPLER_ARG', '')}".rstrip()
+    if "OTEL_TRACES_SAMPLER" in env:
+        note += f", sampler {env['OTEL_TRACES_SAMPLER']} {env.get('OTEL_TRACES_SAMPLER_ARG', '')}".rstrip()
     return Target(name, port, proc, admin=admin, note=note, load=load or {})
 
 
@@ -286,4 +299,4 @@ def start_stax_sidecar(tmp: Path, graph: Path, upstream: int) -> Target:
                  core=PROXY_CORE, log=tmp / "stax-sidecar.out")
     wait_port(egress, proc=proc, timeout=60)
     return Target("stax-sidecar", egress, proc, admin=admin,
-                  note="egress, Host: bench, routing, context, metrics")
+                  note=f"egress, Host: bench, routing, context, metrics; {build_note()}")
