@@ -14,7 +14,7 @@ from setuptools import setup
 # The modules every request passes through. Others (config, admin, runtime, the resolver)
 # run a few times per graph change, where compiling buys nothing.
 HOT_PATH = [
-    "proxy/server_protocol.py", "proxy/upstream_protocol.py", "proxy/upstream_pool.py",
+    "proxy/listener.py", "proxy/server_protocol.py", "proxy/upstream_protocol.py", "proxy/upstream_pool.py",
     "proxy/request.py", "proxy/trailers.py", "proxy/outbox.py", "proxy/deadlines.py",
     "proxy/balancer.py", "proxy/admission.py", "proxy/memo.py", "proxy/errors.py",
     "proxy/stages/forward.py", "proxy/stages/route.py", "proxy/stages/context.py",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .config import ProxyConfig, edge_tls
-from .runtime import Listener, Runtime
+from .listener import Listener
+from .runtime import Runtime
 from .stages.context import gateway_fallback, make_context
 from .stages.policy import load_key, make_policy
 from .stages.route import make_gateway_route

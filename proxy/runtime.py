@@ -1,7 +1,8 @@
 """A running proxy process: graph source, shared upstream state, listeners, admin, drain.
 
 `Runtime` owns what every listener shares (snapshot cell, pool, endpoint health, retry
-budget, admission, metrics); a `Listener` is one port with its own stage list.
+budget, admission, metrics); a `Listener` (proxy/listener.py) is one port with its own
+stage list.
 """
 
 from __future__ import annotations
@@ -9,70 +10,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import ssl
 import time
+from typing import TYPE_CHECKING
 
-from resolver.errors import StaxError
 from resolver.sources.file import FileSource
 from resolver.sync import SnapshotCell
 
 from .admission import Admission
 from .balancer import EndpointHealth, RetryBudget
 from .config import ProxyConfig
-from .metrics import Stats
+from .listener import Listener
 from .server_protocol import ClientConnection
-from .stages.forward import Forwarder
 from .upstream_pool import UpstreamPool, make_ssl_context
 
+if TYPE_CHECKING:
+    from .otel import Tracing
+
 log = logging.getLogger("stax.proxy")
-
-
-class Listener:
-    """One listening port: a stage list (top to bottom) and the terminal forwarder."""
-
-    def __init__(self, rt: Runtime, name: str, stages: list, *, tls: ssl.SSLContext | None = None) -> None:
-        self.rt = rt
-        self.name = name
-        self.stages = stages
-        self.config = rt.config
-        self.connections = rt.connections
-        self.stats = Stats(name)
-        self.tls = tls
-        self.draining = False  # set with the runtime's: read on every request
-        self.forwarder = Forwarder(rt.pool, rt.health, self.stats, rt.budget, mode=name,
-                                   tracing=rt.tracing, access_log=rt.config.access_log)
-        self.tracing = rt.tracing
-        self.server: asyncio.base_events.Server | None = None
-        self.admit = rt.admission.admit
-        self.release = rt.admission.release
-
-    def __repr__(self) -> str:
-        return f"<Listener {self.name} stages={[s.__name__ for s in self.stages]}>"
-
-    async def start(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        scheme = b"https" if self.tls else b"http"
-        self.server = await loop.create_server(
-            lambda: ClientConnection(self, scheme), host, port, ssl=self.tls, backlog=2048,
-            reuse_address=True)
-
-    @property
-    def port(self) -> int:
-        return self.server.sockets[0].getsockname()[1]
-
-    def log_error(self, req, err: StaxError, peer: str) -> None:
-        if log.isEnabledFor(logging.INFO):
-            log.info({
-                "event": "error", "listener": self.name, "code": err.code, "status": err.status,
-                "message": err.message, "peer": peer,
-                "method": req.method.decode("latin-1") if req else None,
-                "path": req.path.decode("latin-1")[:200] if req else None,
-                "env": req.env if req else None,
-                "service": req.service[:200] if req and req.service else None,  # from Host: any text
-            })
-
-    def log_exception(self, what: str, exc: BaseException) -> None:
-        log.exception("%s: %s", what, exc, exc_info=exc)
 
 
 class Runtime:
@@ -85,7 +39,7 @@ class Runtime:
 
             tracer_provider = self.own_tracer_provider = provider_from_config(
                 config.otel_traces_exporter)
-        self.tracing = None
+        self.tracing: Tracing | None = None
         if tracer_provider is not None:
             from .otel import Tracing
 

@@ -21,6 +21,7 @@ from .request import LONG_BODY, Request
 from .trailers import TrailerSink
 
 if TYPE_CHECKING:
+    from .listener import Listener
     from .stages.forward import Exchange
 
 # How long a connection closed with a request body still coming discards what the client
@@ -39,8 +40,8 @@ class _Queued:
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, runtime, scheme: bytes) -> None:
-        self.server = runtime
+    def __init__(self, listener: Listener, scheme: bytes) -> None:
+        self.server = listener
         self.scheme = scheme
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made sets it
         self.parser = HttpRequestParser(self)
@@ -66,7 +67,7 @@ class ClientConnection(asyncio.Protocol):
         self.deferred_error: StaxError | None = None
         self.eof = False  # the client half-closed: close once its requests are answered
         self.lingering = False  # closed, FIN sent, discarding a body until the client closes
-        cfg = runtime.config  # read on every request: kept at hand
+        cfg = listener.config  # read on every request: kept at hand
         self.header_timeout = cfg.header_timeout
         self.keepalive_timeout = cfg.keepalive_timeout
         self.max_head_bytes = cfg.max_head_bytes

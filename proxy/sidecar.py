@@ -5,7 +5,8 @@ from __future__ import annotations
 from resolver.validate import parse_endpoint
 
 from .config import ProxyConfig
-from .runtime import Listener, Runtime
+from .listener import Listener
+from .runtime import Runtime
 from .stages.context import make_context
 from .stages.route import make_egress_route, make_ingress_route
 from .stages.sanitize import TrustedPeers, make_sanitize
