@@ -49,8 +49,7 @@ class Forwarder:
     """Shared state of the terminal stage: pool, balancing, health, metrics hooks."""
 
     def __init__(self, pool: UpstreamPool, health: EndpointHealth, stats: Stats, budget: RetryBudget, *,
-                 mode: str, tracing=None,
-                 access_log: bool = False) -> None:
+                 mode: str, tracing=None, access_log: bool = False) -> None:
         self.access_log = access_log
         self.tracing = tracing
         self.loop = asyncio.get_running_loop()  # cached: get_running_loop() costs a getpid()

@@ -89,7 +89,7 @@ def _absolute_to_origin(req: Request) -> None:
     scheme, sep, rest = target.partition(b"://")
     if not sep or scheme.lower() not in (b"http", b"https"):
         raise NoRoute("request target is neither origin-form nor http absolute-form")
-    authority, path = _AUTHORITY(rest).groups()  # type: ignore[union-attr]  # always matches  # it ends at "/", "?" or "#" (RFC 3986 3.2)
+    authority, path = _AUTHORITY(rest).groups()  # type: ignore[union-attr]  # always matches: it ends at "/", "?" or "#" (RFC 3986 3.2)
     if b"@" in authority:
         raise NoRoute("userinfo in request target is not allowed")
     req.path = normalize_path(path if path[:1] == b"/" else b"/" + path)

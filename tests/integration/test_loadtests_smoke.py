@@ -134,14 +134,18 @@ def test_icount_profiles_bytecodes_by_function():
                     reason="--footprint simulates caches with valgrind (`make test` installs it)")
 def test_icount_footprint_shrinks_as_the_simulated_l1_grows():
     """--footprint counts L1 data misses per request at growing simulated L1 sizes: a request
-    misses in a 32 KiB L1 (stax's request touches more than that), and fewer as L1 grows."""
+    misses in a 32 KiB L1 (stax's request touches more than that), and fewer as L1 grows.
+    Past the request's footprint (~128 KiB compiled) what is left is a few dozen misses whose
+    order between sizes depends on where the allocator placed things: those sizes are held
+    to a fraction of the 32 KiB count, not ordered."""
     proc = subprocess.run([sys.executable, "-m", "loadtests.icount", "--footprint", "--requests", "300",
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     curve = {int(k): v for k, v in json.loads(proc.stdout)["l1d_misses_per_request"].items()}
     assert sorted(curve) == [32, 64, 128, 256]
     assert curve[32] > 200, curve
-    assert curve[32] > curve[64] > curve[128] > curve[256], curve
+    assert curve[32] > curve[64] > min(curve[128], curve[256]), curve
+    assert max(curve[128], curve[256]) < curve[32] / 4, curve
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("wrk") is None,
