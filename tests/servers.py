@@ -114,6 +114,20 @@ async def upstreams():
         await e.stop()
 
 
+async def raw_upstream(handle) -> tuple[asyncio.Server, str]:
+    """An asyncio server on a free port running `handle(reader, writer)`, for upstreams that
+    misbehave on purpose: (server, "127.0.0.1:port")."""
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def eventually(check, timeout: float = 2.0) -> None:
+    """Wait until `check()` is true or `timeout` passes; the caller asserts what it needs."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+
+
 def write_graph(path, doc: dict) -> str:
     """Write a graph atomically (as a control plane would) and return the path."""
     tmp = f"{path}.tmp"

@@ -349,11 +349,10 @@ class Exchange:
     def on_response_body(self, chunk: bytes) -> None:
         """Inside the upstream read, like the head: appended to what it writes at its end."""
         self.last_activity = time.monotonic()
-        wbuf: list[bytes] = self.client.wbuf  # type: ignore[assignment]  # set for the upstream read
         if self.resp_chunked:
-            wbuf.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            self.client.wbuf.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))  # type: ignore[union-attr]
         else:
-            wbuf.append(chunk)
+            self.client.wbuf.append(chunk)  # type: ignore[union-attr]
 
     def on_response_complete(self, conn: UpstreamConnection, keep_alive: bool) -> None:
         if self.done:

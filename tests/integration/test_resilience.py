@@ -13,10 +13,12 @@ import pytest
 from aiohttp import web
 
 from tests.servers import (
+    eventually,
     free_port,
     gateway_process,
     port_of,
     raw_request,
+    raw_upstream,
     serve_app,
     wait_ready,
     write_graph,
@@ -90,8 +92,8 @@ async def test_a_retry_goes_out_on_a_new_connection(tmp_path, proxies):
         await reader.readuntil(b"\r\n\r\n")
         writer.transport.abort()
 
-    server = await asyncio.start_server(one_per_connection, "127.0.0.1", 0)
-    rt, _ = await gateway(proxies, tmp_path, graph({"svc": [f"127.0.0.1:{server.sockets[0].getsockname()[1]}"]}))
+    server, up = await raw_upstream(one_per_connection)
+    rt, _ = await gateway(proxies, tmp_path, graph({"svc": [up]}))
     port = port_of(rt, "gateway")
     get = b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n"
     first = await asyncio.gather(raw_request(port, get), raw_request(port, get))
@@ -199,10 +201,7 @@ async def test_websocket_through_gateway_and_sidecar(tmp_path, proxies):
             for i in range(3):
                 await ws.send_str(f"m{i}")
                 assert (await ws.receive_str()) == f"echo:m{i}"
-    for _ in range(50):
-        if gw.inflight == 0:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: gw.inflight == 0, 1.0)
     assert gw.inflight == 0  # the tunnel's admission slot is released when it closes
     await runner.cleanup()
 
@@ -223,8 +222,7 @@ async def test_a_tunnel_client_that_half_closes_before_the_101(tmp_path, proxies
             writer.write(data)
         writer.close()
 
-    server = await asyncio.start_server(echo, "127.0.0.1", 0)
-    up = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    server, up = await raw_upstream(echo)
     rt, _ = await gateway(proxies, tmp_path, graph({"echo": [up]}))
     reader, writer = await asyncio.open_connection("127.0.0.1", port_of(rt, "gateway"))
     early = os.urandom(5000)
@@ -236,10 +234,7 @@ async def test_a_tunnel_client_that_half_closes_before_the_101(tmp_path, proxies
     head, _, body = out.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101"), head
     assert body == early and b"".join(got) == early
-    for _ in range(50):
-        if rt.inflight == 0:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: rt.inflight == 0, 1.0)
     assert rt.inflight == 0 and rt.pool.active == 0
 
 
@@ -257,18 +252,15 @@ async def test_an_upstream_half_close_in_a_tunnel_leaves_the_client_sending(tmp_
             got.append(data)
         writer.close()
 
-    server = await asyncio.start_server(says_bye_first, "127.0.0.1", 0)
-    rt, _ = await gateway(proxies, tmp_path, graph({"raw": [f"127.0.0.1:{server.sockets[0].getsockname()[1]}"]}))
+    server, up = await raw_upstream(says_bye_first)
+    rt, _ = await gateway(proxies, tmp_path, graph({"raw": [up]}))
     reader, writer = await asyncio.open_connection("127.0.0.1", port_of(rt, "gateway"))
     writer.write(b"GET / HTTP/1.1\r\nHost: raw\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\n")
     out = await asyncio.wait_for(reader.read(), 5)  # to the upstream's FIN
     assert out.startswith(b"HTTP/1.1 101") and out.endswith(b"\r\n\r\nbye")
     writer.write(b"late words")
     writer.write_eof()
-    for _ in range(100):
-        if rt.inflight == 0:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: rt.inflight == 0, 2.0)
     writer.close()
     server.close()
     assert b"".join(got) == b"late words"
@@ -291,8 +283,8 @@ async def test_bytes_ahead_of_a_slow_101_are_bounded(tmp_path, proxies):
             received["n"] += len(data)
         writer.close()
 
-    server = await asyncio.start_server(slow_switch, "127.0.0.1", 0)
-    rt, _ = await gateway(proxies, tmp_path, graph({"raw": [f"127.0.0.1:{server.sockets[0].getsockname()[1]}"]}))
+    server, up = await raw_upstream(slow_switch)
+    rt, _ = await gateway(proxies, tmp_path, graph({"raw": [up]}))
     reader, writer = await asyncio.open_connection("127.0.0.1", port_of(rt, "gateway"))
     writer.write(b"GET / HTTP/1.1\r\nHost: raw\r\nConnection: upgrade\r\nUpgrade: raw\r\n\r\n")
 
@@ -311,10 +303,7 @@ async def test_bytes_ahead_of_a_slow_101_are_bounded(tmp_path, proxies):
     switch.set()
     await asyncio.wait_for(sending, 10)
     assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 101")
-    for _ in range(200):
-        if received["n"] == total:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: received["n"] == total, 4.0)
     assert received["n"] == total
     writer.close()
     server.close()

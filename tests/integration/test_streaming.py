@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from loadtests.common import free_port, memory_kb
-from tests.servers import port_of, read_response, running_gateway, write_graph
+from tests.servers import port_of, raw_upstream, read_response, running_gateway, write_graph
 
 pytestmark = pytest.mark.asyncio
 MB = 1 << 20
@@ -204,9 +204,9 @@ async def test_response_trailers_are_dropped_and_bounded(tmp_path, proxies):
             except ConnectionError:
                 return  # stax dropped it
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server, up = await raw_upstream(handle)
     path = write_graph(tmp_path / "g.yaml", {"baseline": "base", "envs": {
-        "base": {"services": {"svc": {"endpoints": [f"127.0.0.1:{server.sockets[0].getsockname()[1]}"]}}}}})
+        "base": {"services": {"svc": {"endpoints": [up]}}}}})
     rt = await proxies("gateway", graph=path)
     port = port_of(rt, "gateway")
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
