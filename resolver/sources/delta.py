@@ -61,6 +61,25 @@ def diff_summary(old: dict, new: dict) -> tuple[dict, dict]:
     return delta, summary
 
 
+def advance_summary(summary: dict, delta: dict) -> dict:
+    """The summary of `apply_delta(doc, delta)` from the summary of `doc`: what the file
+    decoder helper keeps after a change it found without decoding the whole document."""
+    out = dict(summary)
+    for key in delta.get("del", ()):
+        out.pop(key, None)
+    for key, value in delta.get("set", {}).items():
+        out[key] = diff_summary({}, {key: value})[1][key]
+    for key in ENTRY_KEYS:
+        part = delta.get(key)
+        if part:
+            prints = out[key] = dict(out[key])
+            for name in part.get("del", ()):
+                prints.pop(name, None)
+            for name, entry in part.get("set", {}).items():
+                prints[name] = _fingerprint(entry)
+    return out
+
+
 def apply_delta(doc: dict, delta: dict) -> dict:
     """A new document: `doc` with `delta` applied. Raises ValueError for a malformed delta or
     one that does not fit `doc` (an entry delta for a key that is not a mapping)."""

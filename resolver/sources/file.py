@@ -40,6 +40,7 @@ class FileSource:
         self.helper_min_bytes = helper_min_bytes
         self.decoder: DecoderProcess | None = None
         self.helper_deltas = 0  # changes applied as deltas from the helper process
+        self.helper_spliced = 0  # of those, found from the file's bytes (json_splice.py)
         self.helper_ready: concurrent.futures.Future | None = None
         self.helper_unavailable = False
         self.cell = cell
@@ -154,7 +155,7 @@ class FileSource:
             return True
         if answer[0] != "delta":
             return False
-        _, digest, delta = answer
+        _, digest, delta, spliced = answer
         doc = apply_delta(previous[0], delta)
         try:  # validating the changed envs only: about a millisecond at 10,000 envs
             snap = await asyncio.to_thread(
@@ -165,6 +166,7 @@ class FileSource:
             return True
         self._accept(doc, snap, digest)
         self.helper_deltas += 1
+        self.helper_spliced += spliced
         return True
 
     async def run(self) -> None:

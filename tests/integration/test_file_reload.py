@@ -10,6 +10,7 @@ import signal
 
 import orjson
 import pytest
+import yaml
 
 from resolver.sources.file import FileSource
 from resolver.sync import SnapshotCell
@@ -61,10 +62,44 @@ async def test_big_file_changes_arrive_as_deltas(source):
     for i in range(3):
         doc = await change(src, cell, path, doc, 20 + i)
     assert src.helper_deltas == 3
+    assert src.helper_spliced == 3  # one env each: found from the bytes, not decoded whole
     assert cell.current.graph.envs["e5"] is first.graph.envs["e5"]  # untouched: reused
     write(path, orjson.dumps(doc))  # same content, new inode: nothing to publish
     await asyncio.sleep(0.3)
     assert cell.version == 4 and cell.rejected_total == 0
+
+
+async def test_a_change_in_two_places_is_decoded_whole_in_the_helper(source):
+    src, cell, path, doc = source
+    doc = copy.deepcopy(doc)
+    doc["epoch"] = "two"  # a top-level key at the end and an env at the start: no one section
+    doc["envs"]["e0"]["services"] = {"s3": {"endpoints": ["far:1"]}}
+    version = cell.version
+    write(path, orjson.dumps(doc))
+    assert await cell.wait_for(version + 1, 20), "the change was not applied"
+    assert cell.current.graph == parse_graph(doc, version=version + 1)
+    assert (src.helper_deltas, src.helper_spliced) == (1, 0)
+    await change(src, cell, path, doc, 9)  # the base kept up: the next one-env change splices
+    assert (src.helper_deltas, src.helper_spliced) == (2, 1)
+
+
+async def test_a_big_yaml_file_changes_as_deltas_too(tmp_path):
+    path = tmp_path / "graph.yaml"
+    doc = big_doc()
+    write(path, yaml.safe_dump(doc).encode())
+    cell = SnapshotCell()
+    src = FileSource(str(path), cell, interval=0.05, helper_min_bytes=0)
+    src.load_initial()
+    src.start()
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(src.helper_ready), 30)
+        doc["envs"]["e4"]["services"] = {"s1": {"endpoints": ["yaml:1"]}}
+        write(path, yaml.safe_dump(doc).encode())
+        assert await cell.wait_for(2, 20), "the change was not applied"
+        assert cell.current.graph == parse_graph(doc, version=2)
+        assert (src.helper_deltas, src.helper_spliced) == (1, 0)  # YAML: decoded, then diffed
+    finally:
+        await src.stop()
 
 
 async def test_broken_big_file_is_rejected_whole_and_the_next_change_lands(source):
