@@ -19,6 +19,7 @@ HOT_PATH = [
     "proxy/balancer.py", "proxy/admission.py", "proxy/memo.py", "proxy/errors.py",
     "proxy/stages/forward.py", "proxy/stages/route.py", "proxy/stages/context.py",
     "proxy/stages/path.py", "proxy/stages/sanitize.py", "proxy/stages/policy.py",
+    "proxy/stats.py", "proxy/tracing.py",
 ]
 
 

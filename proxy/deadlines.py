@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Final
 
-TICK_MIN_S = 0.01
-TICK_SHARE = 0.05
+TICK_MIN_S: Final = 0.01
+TICK_SHARE: Final = 0.05
 
 
 class Deadlines:

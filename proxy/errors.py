@@ -7,14 +7,15 @@ boundary where they happen; nothing else in the proxy formats an error.
 from __future__ import annotations
 
 from http import HTTPStatus
+from typing import Final
 
 import orjson
 
 from resolver.errors import StaxError
 
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 _REASONS[421] = b"Misdirected Request"
-STATUS_LINES: dict[int, bytes] = {}
+STATUS_LINES: Final[dict[int, bytes]] = {}
 
 
 def status_line(status: int) -> bytes:

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from resolver.errors import StaxError
 
-from .metrics import Stats
 from .request import Request
 from .server_protocol import ClientConnection
 from .stages.forward import Forwarder
+from .stats import Stats
 
 if TYPE_CHECKING:
     from .runtime import Runtime

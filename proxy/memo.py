@@ -4,7 +4,9 @@ values that repeat (nearly all of them) are back after one miss each."""
 
 from __future__ import annotations
 
-LIMIT = 16384
+from typing import Final
+
+LIMIT: Final = 16384
 
 
 def remember(cache: dict, key, value, limit: int = LIMIT):

@@ -7,8 +7,6 @@ label: 10,000 envs would explode cardinality.
 
 from __future__ import annotations
 
-from bisect import bisect_left
-
 from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
@@ -16,53 +14,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 
-BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
-# status -> index into _CLASSES (outside 100-599 counts as 5xx): one look-up per request.
-# Statuses have three digits (llhttp refuses a longer one; stax's own are 4xx/5xx).
-_CLASS_OF = tuple(min(max(s // 100 - 1, 4 if s < 100 else 0), 4) for s in range(1000))
-
-
-class _Cell:
-    __slots__ = ("service", "kind", "codes", "buckets", "total_s")
-
-    def __init__(self, service: str, kind: str) -> None:
-        self.service, self.kind = service, kind
-        self.codes = [0, 0, 0, 0, 0]
-        self.buckets = [0] * (len(BUCKETS) + 1)
-        self.total_s = 0.0
-
-
-class Stats:
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self._cells: dict[tuple[str, str], _Cell] = {}
-        self.local_errors: dict[str, int] = {}  # stax-generated error responses by code
-
-    def __repr__(self) -> str:
-        total = sum(sum(c.codes) for c in self._cells.values())
-        return f"<Stats mode={self.mode} cells={len(self._cells)} requests={total}>"
-
-    def _cell(self, service: str, kind: str) -> _Cell:
-        key = (service, kind)
-        cell = self._cells.get(key)
-        if cell is None:
-            cell = self._cells[key] = _Cell(service, kind)
-        return cell
-
-    def observe(self, route, status: int, duration_s: float) -> None:
-        if route is None:
-            cell = self._cell("", "")
-        else:
-            cell = route.stats
-            if cell is None:
-                cell = route.stats = self._cell(route.service, route.kind)
-            cell.buckets[bisect_left(BUCKETS, duration_s)] += 1
-            cell.total_s += duration_s
-        cell.codes[_CLASS_OF[status]] += 1
-
-    def error(self, code: str) -> None:
-        self.local_errors[code] = self.local_errors.get(code, 0) + 1
+from .stats import _CLASSES, BUCKETS
 
 
 class ProxyCollector:

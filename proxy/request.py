@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
     from resolver.snapshot import Route
 
-LONG_BODY = 1 << 20
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+LONG_BODY: Final = 1 << 20
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # Never forwarded (RFC 9110 7.6.1), plus what stax rewrites itself on every hop.
-HOP_BY_HOP = frozenset({
+HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
     b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
 })
-REWRITTEN = frozenset({
+REWRITTEN: Final = frozenset({
     b"content-length", b"baggage", b"x-stax-env", b"traceparent", b"x-stax-hops",
     b"x-forwarded-for", b"x-forwarded-proto", b"expect",
     b"x-stax-env-token",  # a credential for the edge: never forwarded
 })
-NOT_COPIED = HOP_BY_HOP | REWRITTEN  # request headers never copied as received
+NOT_COPIED: Final = HOP_BY_HOP | REWRITTEN  # request headers never copied as received
 
 
 class Request:

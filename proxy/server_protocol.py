@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 # How long a connection closed with a request body still coming discards what the client
 # sends before closing for good (nginx's lingering_timeout is 5 s too).
-LINGER_S = 5.0
-MAX_PIPELINED = 256  # requests queued behind the one in flight on a connection (~100 KB)
+LINGER_S: Final = 5.0
+MAX_PIPELINED: Final = 256  # requests queued behind the one in flight on a connection (~100 KB)
 
 
 class _Queued:

@@ -4,7 +4,7 @@ Exchange currently attached. Nothing here decides policy."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .upstream_pool import UpstreamPool
 
 # Response headers stax interprets; every other header is forwarded as one ready line.
-INTERPRETED = HOP_BY_HOP | {b"content-length", b"x-stax-route"}
+INTERPRETED: Final = HOP_BY_HOP | {b"content-length", b"x-stax-route"}
 
 
 class UpstreamConnection(asyncio.Protocol):

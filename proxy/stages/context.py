@@ -3,6 +3,7 @@ the hop counter (loop guard) and the trace context. See DESIGN.md section 3."""
 
 from __future__ import annotations
 
+from typing import Final
 from urllib.parse import unquote_to_bytes
 
 from resolver.errors import BadContext, HeadersTooLarge, LoopDetected
@@ -12,7 +13,7 @@ from ..memo import remember
 from ..request import Request
 from ..tracing import new_span_id, new_trace_id, parse_traceparent
 
-BAGGAGE_KEY = b"stax.env"
+BAGGAGE_KEY: Final = b"stax.env"
 
 
 def parse_baggage(values: list[bytes], *, max_bytes: int, max_members: int) -> tuple[bytes | None, bytes]:
@@ -49,7 +50,7 @@ def parse_baggage(values: list[bytes], *, max_bytes: int, max_members: int) -> t
     return env, b",".join(others)
 
 
-_NAMES: dict[bytes, str] = {}  # valid names seen recently: a hit skips decode + regex
+_NAMES: Final[dict[bytes, str]] = {}  # valid names seen recently: a hit skips decode + regex
 
 
 def _check_name(raw: bytes, where: str) -> str:

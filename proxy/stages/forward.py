@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from resolver.errors import (
     Overloaded,
@@ -33,16 +33,16 @@ if TYPE_CHECKING:
     from resolver.snapshot import Route
 
     from ..balancer import EndpointHealth, RetryBudget
-    from ..metrics import Stats
     from ..server_protocol import ClientConnection
+    from ..stats import Stats
     from ..upstream_pool import UpstreamPool
     from ..upstream_protocol import UpstreamConnection
 
-BODY_RETRY_LIMIT = 64 * 1024
-_LOCAL_EXHAUSTION = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
-_NO_BODY_STATUS = frozenset({101, 204, 304})
-_CONNECTION_OPTIONS = frozenset({b"close", b"keep-alive", b"upgrade", b""})
-_HOPS_LINES = tuple(b"\r\nx-stax-hops: %d\r\n" % n for n in range(64))  # ends the traceparent line
+BODY_RETRY_LIMIT: Final = 64 * 1024
+_LOCAL_EXHAUSTION: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL})
+_NO_BODY_STATUS: Final = frozenset({101, 204, 304})
+_CONNECTION_OPTIONS: Final = frozenset({b"close", b"keep-alive", b"upgrade", b""})
+_HOPS_LINES: Final = tuple(b"\r\nx-stax-hops: %d\r\n" % n for n in range(64))  # ends the traceparent line
 
 
 class Forwarder:
@@ -540,7 +540,7 @@ class Exchange:
             self.conn.transport.resume_reading()
 
 
-_CHUNKED_LINE = b"transfer-encoding: chunked\r\n"
+_CHUNKED_LINE: Final = b"transfer-encoding: chunked\r\n"
 
 
 def _codings(te: bytes) -> tuple[bytes, bool]:

@@ -6,6 +6,7 @@ The snapshot reference is read once per request; resolution is a memoized dict l
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from resolver.errors import BadRequest, MisdirectedRequest, NoGraph, NoProvider, NoRoute
 from resolver.layered_config import route_settings
@@ -18,7 +19,7 @@ from ..memo import remember
 from ..request import Request
 from .path import normalize_path
 
-_SERVICES: dict[bytes, str | None] = {}  # Host values seen recently: they repeat on every request
+_SERVICES: Final[dict[bytes, str | None]] = {}  # Host values seen recently: they repeat on every request
 
 
 def service_from_host(host: bytes | None) -> str | None:
@@ -81,7 +82,7 @@ def _route_by_host(cell: SnapshotCell, req: Request, missing: str) -> None:
     _resolve(cell, req, service)
 
 
-_AUTHORITY = re.compile(rb"([^/?#]*)(.*)", re.S).match
+_AUTHORITY: Final = re.compile(rb"([^/?#]*)(.*)", re.S).match
 
 
 def _absolute_to_origin(req: Request) -> None:

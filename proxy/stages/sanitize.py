@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Final
 
 from resolver.errors import BadRequest, HeadersTooLarge, MethodNotAllowed
 
@@ -15,9 +16,21 @@ from ..memo import remember
 from ..request import HOP_BY_HOP, Request
 from .path import normalize_path
 
-(_HOST, _BAGGAGE, _ENV, _TRACEPARENT, _HOPS, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION,
- _UPGRADE, _COOKIE, _XFF, _XFP, _EXPECT) = range(13)
-_KINDS = {
+# Final: mypyc compiles these to constants, not a module dict look-up per use
+_HOST: Final = 0
+_BAGGAGE: Final = 1
+_ENV: Final = 2
+_TRACEPARENT: Final = 3
+_HOPS: Final = 4
+_CONTENT_LENGTH: Final = 5
+_TRANSFER_ENCODING: Final = 6
+_CONNECTION: Final = 7
+_UPGRADE: Final = 8
+_COOKIE: Final = 9
+_XFF: Final = 10
+_XFP: Final = 11
+_EXPECT: Final = 12
+_KINDS: Final = {
     b"host": _HOST, b"baggage": _BAGGAGE, b"x-stax-env": _ENV, b"traceparent": _TRACEPARENT,
     b"x-stax-hops": _HOPS, b"content-length": _CONTENT_LENGTH,
     b"transfer-encoding": _TRANSFER_ENCODING, b"connection": _CONNECTION, b"upgrade": _UPGRADE,
@@ -25,8 +38,8 @@ _KINDS = {
 }
 
 
-_NOT_DROPPABLE = frozenset({b"close", b"keep-alive", b"upgrade", b"host"})
-_MAY_NEED_NORMALIZING = re.compile(rb"/\.|//|%").search  # one scan instead of three `in` tests
+_NOT_DROPPABLE: Final = frozenset({b"close", b"keep-alive", b"upgrade", b"host"})
+_MAY_NEED_NORMALIZING: Final = re.compile(rb"/\.|//|%").search  # one scan instead of three `in` tests
 
 
 class TrustedPeers:

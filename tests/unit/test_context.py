@@ -92,3 +92,32 @@ def test_context_lines_carry_the_env_after_the_other_members():
         b"x-stax-env: team-a\r\nbaggage: userId=1,k=v,stax.env=team-a\r\ntraceparent: 00-")
     assert context_lines("team-a", b"") == (
         b"x-stax-env: team-a\r\nbaggage: stax.env=team-a\r\ntraceparent: 00-")
+
+
+def test_new_ids_are_lowercase_hex_nonzero_and_do_not_repeat():
+    from proxy.tracing import new_span_id, new_trace_id
+
+    spans = [new_span_id() for _ in range(3000)]  # across several refills of the buffer
+    traces = [new_trace_id() for _ in range(1000)]
+    for ids, digits in ((spans, 16), (traces, 32)):
+        assert len(set(ids)) == len(ids)
+        for i in ids:
+            assert len(i) == digits and not i.translate(None, b"0123456789abcdef")
+            assert i != b"0" * digits
+
+
+def test_a_forked_child_does_not_repeat_its_parent_s_ids():
+    import os
+
+    from proxy.tracing import new_span_id
+
+    new_span_id()  # the buffer holds ids the child must not hand out
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write, b"".join(new_span_id() for _ in range(8)))
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 4096)
+    parent = b"".join(new_span_id() for _ in range(8))
+    assert len(child) == 128 and child != parent
