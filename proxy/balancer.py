@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import time
-
 from resolver.errors import NoHealthyEndpoint
+
+from .deadlines import monotonic
 
 
 class _State:
@@ -37,7 +37,7 @@ class EndpointHealth:
         route.rr = i + 1
         if not self._ejected and not tried:  # the common case: one dict-free step
             return picks[i % n]
-        now = time.monotonic()
+        now = monotonic()
         fallback = None
         for k in range(n):
             ep = picks[(i + k) % n]
@@ -79,13 +79,13 @@ class EndpointHealth:
         if ejected_here + 1 > int(len(endpoints) * self.max_ratio) or ejected_here + 1 >= len(endpoints):
             return  # never more than half a provider, never its last endpoint
         st.ejections += 1
-        st.until = time.monotonic() + self.base * st.ejections
+        st.until = monotonic() + self.base * st.ejections
         st.service = route.service
         st.failures = 0
         self._ejected.add(ep.address)
 
     def ejected_by_service(self) -> dict[str, int]:
-        now = time.monotonic()
+        now = monotonic()
         out: dict[str, int] = {}
         for address in list(self._ejected):
             st = self.state[address]
@@ -120,7 +120,7 @@ class RetryBudget:
     def cell(self, service: str) -> BudgetCell:
         cell = self._cells.get(service)
         if cell is None:
-            cell = self._cells[service] = BudgetCell(time.monotonic())
+            cell = self._cells[service] = BudgetCell(monotonic())
         return cell
 
     def rotate(self, now: float) -> None:
@@ -133,7 +133,7 @@ class RetryBudget:
                 cell.start, cell.requests, cell.retries = now, 0, 0
 
     def allow_retry(self, service: str) -> bool:
-        now = time.monotonic()
+        now = monotonic()
         cell = self.cell(service)
         weight = max(0.0, 1 - (now - cell.start) / self.window)  # fraction of the previous bucket still in the window
         requests = cell.requests + cell.prev_requests * weight

@@ -12,6 +12,9 @@ import asyncio
 import time
 from typing import Final
 
+# The one clock of the request path. Final: compiled code calls it from a C static, without
+# looking up `time` and then `monotonic` on every call (~400 instructions each).
+monotonic: Final = time.monotonic
 TICK_MIN_S: Final = 0.01
 TICK_SHARE: Final = 0.05
 
@@ -30,7 +33,7 @@ class Deadlines:
         return f"<Deadlines waiting={len(self.waiting)} tick={self.tick_s:g}s>"
 
     def add(self, ex, timeout_s: float) -> None:
-        self.waiting[ex] = time.monotonic() + timeout_s
+        self.waiting[ex] = monotonic() + timeout_s
         if self.handle is None or timeout_s < self.shortest:
             # first waiter, or a shorter timeout than any waiting: (re)arm the tick for it
             if self.handle is not None:
@@ -41,7 +44,7 @@ class Deadlines:
 
     def _tick(self) -> None:
         self.handle = None
-        now = time.monotonic()
+        now = monotonic()
         waiting = self.waiting
         expired = [ex for ex, deadline in waiting.items() if deadline <= now]
         try:

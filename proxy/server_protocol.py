@@ -8,7 +8,6 @@ their bodies (reading pauses while one waits). Everything stax answers itself go
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
@@ -16,6 +15,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from resolver.errors import BadRequest, HeadersTooLarge, Overloaded, RequestTimeout, StaxError
 
+from .deadlines import monotonic
 from .errors import error_response, rescue
 from .request import LONG_BODY, Request
 from .trailers import TrailerSink
@@ -85,7 +85,7 @@ class ClientConnection(asyncio.Protocol):
         self.forwarded = b"x-forwarded-for: %b\r\nx-forwarded-proto: %b\r\n" % (
             self.peer.encode(), self.scheme)
         self.server.connections.add(self)
-        self.deadline = time.monotonic() + self.header_timeout
+        self.deadline = monotonic() + self.header_timeout
 
     def data_received(self, data: bytes) -> None:
         if self.closed:
@@ -117,7 +117,7 @@ class ClientConnection(asyncio.Protocol):
             # llhttp buffers it: bound what a client can make us hold.
             if self.head_bytes < 0:
                 # begun in this read, maybe after a body or other requests: count its own bytes
-                self.deadline = time.monotonic() + self.header_timeout
+                self.deadline = monotonic() + self.header_timeout
                 self.head_bytes = self._held_head_bytes(data)
             else:
                 self.head_bytes += self.read_len
@@ -208,7 +208,7 @@ class ClientConnection(asyncio.Protocol):
             if self.paused:
                 self.paused.clear()
                 transport.resume_reading()  # data_received drops what comes: self.closed
-            self.deadline = time.monotonic() + LINGER_S
+            self.deadline = monotonic() + LINGER_S
             return
         transport.close()
 
@@ -250,7 +250,7 @@ class ClientConnection(asyncio.Protocol):
         # The HTTP version is read only when a response needs it (get_http_version() costs
         # 2% of a request), except for a pipelined request: see http_version.
         req = Request(parser.get_method(), self.url, parser.get_http_version() if pipelined else None,
-                      self.headers, parser.should_keep_alive(), self.peer, self.scheme, time.monotonic())
+                      self.headers, parser.should_keep_alive(), self.peer, self.scheme, monotonic())
         self.headers = trailers = self.trailers  # on_header's fields from here on are trailers
         trailers.size = 0
         if pipelined:
@@ -344,7 +344,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             # a head we could not make sense of: framing may be ambiguous too, so do not reuse
             close = isinstance(err, (BadRequest, HeadersTooLarge))
-        self.server.forwarder.record(req, err.status, time.monotonic() - req.started)
+        self.server.forwarder.record(req, err.status, monotonic() - req.started)
         if self.server.tracing is not None:
             if req.span is None:
                 req.span = self.server.tracing.server_span(req, self.server.name)

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import ssl as _ssl
-import time
 
 from resolver.model import Endpoint
 
+from .deadlines import monotonic
 from .upstream_protocol import UpstreamConnection
 
 
@@ -92,7 +92,7 @@ class UpstreamPool:
     def sweep(self) -> None:
         """Close idle connections past the idle timeout (called by the server's 1 s sweeper;
         up to a sweep late, never early)."""
-        now = time.monotonic()
+        now = monotonic()
         cutoff = now - self.idle_timeout
         for key, stack in list(self._idle.items()):
             keep = []

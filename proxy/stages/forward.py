@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import time
 from typing import TYPE_CHECKING, Any, Final
 
 from resolver.errors import (
@@ -22,7 +21,7 @@ from resolver.errors import (
     UpstreamUnavailable,
 )
 
-from ..deadlines import Deadlines
+from ..deadlines import Deadlines, monotonic
 from ..errors import STATUS_LINES, status_line
 from ..outbox import Outbox
 from ..request import IDEMPOTENT, Request
@@ -229,7 +228,7 @@ class Exchange:
 
     # -- request body (client -> upstream) ---------------------------------------------------
     def feed_body(self, chunk: bytes) -> None:
-        self.last_activity = time.monotonic()
+        self.last_activity = monotonic()
         conn = self.conn
         body = self.body
         if body is not None:
@@ -348,7 +347,7 @@ class Exchange:
 
     def on_response_body(self, chunk: bytes) -> None:
         """Inside the upstream read, like the head: appended to what it writes at its end."""
-        self.last_activity = time.monotonic()
+        self.last_activity = monotonic()
         if self.resp_chunked:
             self.client.wbuf.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))  # type: ignore[union-attr]
         else:
@@ -376,7 +375,7 @@ class Exchange:
         self.tunnel = True
         conn.tunnel = self
         self.client.tunnel = self
-        self.last_activity = time.monotonic()
+        self.last_activity = monotonic()
         if rest:
             self.client.write(rest)
         for chunk in self.early or ():
@@ -389,7 +388,7 @@ class Exchange:
     def client_data(self, data: bytes) -> None:
         """Raw client bytes once the client parser has handed over (after an Upgrade head);
         b"": the client half-closed."""
-        self.last_activity = time.monotonic()
+        self.last_activity = monotonic()
         if self.tunnel:
             _relay(self.conn.transport, data)  # type: ignore[union-attr]  # a tunnel has its conn
         else:
@@ -403,7 +402,7 @@ class Exchange:
 
     def upstream_data(self, data: bytes) -> None:
         """Raw upstream bytes in a tunnel; b"": the upstream half-closed."""
-        self.last_activity = time.monotonic()
+        self.last_activity = monotonic()
         if not self.client.closed:
             _relay(self.client.transport, data)  # in a tunnel the client's wbuf is never set
 
@@ -453,7 +452,7 @@ class Exchange:
             return
         if not self.responded and self.body_done:
             return  # waiting for the response head: timeout_ms governs; re-armed at the head
-        idle = time.monotonic() - self.last_activity
+        idle = monotonic() - self.last_activity
         if idle >= self.route.idle_timeout_s:
             if self.tunnel:
                 self.client.abort()
@@ -484,7 +483,7 @@ class Exchange:
 
     def _finish(self) -> None:
         self.done = True
-        self.fw.record(self.req, self.status, time.monotonic() - self.t0, self.endpoint)  # _record, inline
+        self.fw.record(self.req, self.status, monotonic() - self.t0, self.endpoint)  # _record, inline
         if self.fw.tracing is not None:
             self._end_spans(self.status, None)
         self.client.exchange_done(self)
@@ -507,7 +506,7 @@ class Exchange:
         self.client.abort()
 
     def _record(self, status: int) -> None:
-        self.fw.record(self.req, status, time.monotonic() - self.t0, self.endpoint)
+        self.fw.record(self.req, status, monotonic() - self.t0, self.endpoint)
 
     def _end_spans(self, status: int, error: str | None) -> None:
         end = self.fw.tracing.end
