@@ -15,3 +15,16 @@ def remember(cache: dict, key, value, limit: int = LIMIT):
         cache.clear()
     cache[key] = value
     return value
+
+
+_LOWER: Final[dict[bytes, bytes]] = {}
+
+
+def lower_name(name: bytes) -> bytes:
+    """A header name lowercased, as one shared object per spelling. Names repeat on every
+    request, and a shared object keeps its hash: the set and dict look-ups that follow (hop
+    by hop? one of stax's?) skip hashing it again, and no method call lowers it."""
+    lname = _LOWER.get(name)
+    if lname is None:
+        lname = remember(_LOWER, name, name.lower())
+    return lname

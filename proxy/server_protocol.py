@@ -17,6 +17,7 @@ from resolver.errors import BadRequest, HeadersTooLarge, Overloaded, RequestTime
 
 from .deadlines import monotonic
 from .errors import error_response, rescue
+from .memo import lower_name
 from .request import LONG_BODY, Request
 from .trailers import TrailerSink
 
@@ -232,7 +233,7 @@ class ClientConnection(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), name, value))
+        self.headers.append((lower_name(name), name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False

@@ -10,6 +10,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from resolver.errors import UpstreamBadResponse
 
+from .memo import lower_name
 from .request import HOP_BY_HOP
 from .trailers import TrailerSink
 
@@ -170,7 +171,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
+        lname = lower_name(name)
         if lname not in INTERPRETED:
             self.lines += (name, b": ", value, b"\r\n")  # joined once, with the whole head
         elif lname == b"content-length":

@@ -76,7 +76,9 @@ class Snapshot:
         self.version = graph.version
         self.source = source
         self.created = time.time()
-        self._routes: dict[str, dict[str, Route]] = {}  # service -> env -> Route: the memo
+        # service -> env -> Route: the memo. The proxy's route stage reads it directly (a
+        # method call costs more than the two look-ups) and calls resolve() on a miss.
+        self.memo: dict[str, dict[str, Route]] = {}
         self._shared: dict[tuple, Route] = {}  # see shared_route
         self._chains: dict[str, tuple[str, ...]] = {}
         # After a change to the envs in `changed` only, an answer of `previous` for an env whose
@@ -84,18 +86,18 @@ class Snapshot:
         # snapshot's Route, with its version), so a one-overlay reload of 10,000 envs does not
         # re-resolve all of them. Only the memo dicts are kept, never `previous` itself: no
         # chain of old snapshots.
-        self._carry = ((previous._routes, previous._chains, changed)
+        self._carry = ((previous.memo, previous._chains, changed)
                        if previous is not None and changed is not None else None)
 
     def __repr__(self) -> str:
-        cached = sum(len(r) for r in self._routes.values())
+        cached = sum(len(r) for r in self.memo.values())
         return (f"<Snapshot v{self.version} envs={len(self.graph.envs)} cached_routes={cached} "
                 f"routes={len(self._shared)} source={self.source}>")
 
     # -- the hot path ------------------------------------------------------------------------
     def resolve(self, env: str, service: str) -> Route:
         try:
-            return self._routes[service][env]
+            return self.memo[service][env]
         except KeyError:
             return self._resolve_slow(env, service)
 
@@ -152,7 +154,7 @@ class Snapshot:
     def _remember(self, env: str, service: str, kind: str, provider: str | None,
                   endpoints: tuple[Endpoint, ...], settings: RouteSettings) -> Route:
         route = shared_route(self._shared, service, kind, provider, endpoints, self.version, settings)
-        self._routes.setdefault(service, {})[env] = route
+        self.memo.setdefault(service, {})[env] = route
         return route
 
     # -- explanations (CLI, /debug/resolve) --------------------------------------------------

@@ -43,13 +43,18 @@ def _resolve(cell: SnapshotCell, req: Request, service: str) -> None:
     if snap is None:
         raise NoGraph("no graph loaded yet")
     req.service = service
-    assert req.env is not None  # the context stage ran
-    try:
-        req.route = snap.resolve(req.env, service)
-    except NoProvider:
-        if not NAME_RE.fullmatch(service):
-            raise NoProvider(f"{service[:70]!r} is not a service name") from None
-        raise
+    env = req.env
+    assert env is not None  # the context stage ran
+    envs = snap.memo.get(service)  # resolve()'s hit, inline
+    route = envs.get(env) if envs is not None else None
+    if route is None:
+        try:
+            route = snap.resolve(env, service)
+        except NoProvider:
+            if not NAME_RE.fullmatch(service):
+                raise NoProvider(f"{service[:70]!r} is not a service name") from None
+            raise
+    req.route = route
 
 
 def make_gateway_route(cell: SnapshotCell, prefixes: list[tuple[bytes, str]]):

@@ -96,16 +96,18 @@ def test_random_byte_edits_splice_right_or_not_at_all(old_doc, edit_list, fmt):
         check(old_doc, old, new)
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.binary(max_size=40), st.binary(max_size=40), st.binary(max_size=40))
-def test_changed_range_is_the_one_differing_stretch(prefix, middle, suffix):
-    old = prefix + b"\x00" + suffix
-    new = prefix + middle + suffix
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=9000), st.binary(max_size=40), st.binary(max_size=40),
+       st.binary(max_size=9000))
+def test_changed_range_is_the_shortest_differing_stretch(prefix, a, b, suffix):
+    """Across the 4 KiB chunks it compares first, too."""
+    old, new = prefix + a + suffix, prefix + b + suffix
     p, q = changed_range(old, new)
     by = len(new) - len(old)
     assert old[:p] == new[:p] and old[q:] == new[q + by:]
-    assert p <= q and p <= len(prefix) + 1 and q >= p
-    assert len(old) - q <= len(suffix) + 1
+    assert p <= q and p <= q + by
+    assert p == min(len(old), len(new)) or old[p] != new[p]  # no longer prefix
+    assert q == p or q + by == p or old[q - 1] != new[q + by - 1]  # no longer suffix
 
 
 # -- cases -----------------------------------------------------------------------------
