@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -49,7 +49,7 @@ class ClientConnection(asyncio.Protocol):
         self.peer = ""
         self.forwarded = b""
         self.url = b""
-        self.headers: Any = []  # a list, or the TrailerSink once the head is parsed
+        self.headers: list[tuple[bytes, bytes, bytes]] = []  # the head's: the Request's once parsed
         self.head_bytes = 0  # bytes of the current head read while it was incomplete (-1: begun in this read)
         self.read_len = 0  # length of the read being parsed
         self.in_head = False
@@ -233,7 +233,10 @@ class ClientConnection(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((lower_name(name), name, value))
+        if self.in_head:
+            self.headers.append((lower_name(name), name, value))
+        else:  # a trailer field, after a chunked body: counted, never kept (TrailerSink)
+            self.trailers.append((name, name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
@@ -252,8 +255,7 @@ class ClientConnection(asyncio.Protocol):
         # 2% of a request), except for a pipelined request: see http_version.
         req = Request(parser.get_method(), self.url, parser.get_http_version() if pipelined else None,
                       self.headers, parser.should_keep_alive(), self.peer, self.scheme, monotonic())
-        self.headers = trailers = self.trailers  # on_header's fields from here on are trailers
-        trailers.size = 0
+        self.trailers.size = 0  # on_header's fields from here on are trailers
         if pipelined:
             if len(self.queue) >= MAX_PIPELINED:
                 # llhttp parses a whole read ahead: without a bound, 256 KiB of tiny requests

@@ -10,7 +10,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from resolver.errors import UpstreamBadResponse
 
-from .memo import lower_name
+from .deadlines import monotonic
 from .request import HOP_BY_HOP
 from .trailers import TrailerSink
 
@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 
 # Response headers stax interprets; every other header is forwarded as one ready line.
 INTERPRETED: Final = HOP_BY_HOP | {b"content-length", b"x-stax-route"}
+# Whether a name of each length could be one of them: most response headers (Date, Server,
+# ETag, Cache-Control, ...) are not, and are forwarded without lowercasing or a look-up.
+_MAYBE_INTERPRETED: Final[tuple[bool, ...]] = tuple(
+    any(len(n) == size for n in INTERPRETED) for size in range(max(map(len, INTERPRETED)) + 1))
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -91,6 +95,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         client = ex.client
         client.wbuf = []  # one write to the client for everything this read produces
+        ex.last_activity = monotonic()  # the read's time: its callbacks need no clock of their own
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -171,7 +176,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
-        lname = lower_name(name)
+        size = len(name)
+        if size >= len(_MAYBE_INTERPRETED) or not _MAYBE_INTERPRETED[size]:
+            self.lines += (name, b": ", value, b"\r\n")
+            return
+        lname = name.lower()
         if lname not in INTERPRETED:
             self.lines += (name, b": ", value, b"\r\n")  # joined once, with the whole head
         elif lname == b"content-length":

@@ -339,19 +339,23 @@ class Exchange:
             out.append(b"connection: keep-alive\r\n")
         out.append(b"\r\n")
         self.responded = True
-        client.wbuf.extend(out)  # type: ignore[union-attr]  # set for the upstream read: coalesced
+        wbuf = client.wbuf
+        assert wbuf is not None  # set for the upstream read: coalesced
+        wbuf.extend(out)
         if not no_body:
             # Most bodies complete in the same read as the head: arming the idle timer after
             # the read (UpstreamConnection.data_received) spares a timer per request.
             self.need_idle = True
 
     def on_response_body(self, chunk: bytes) -> None:
-        """Inside the upstream read, like the head: appended to what it writes at its end."""
-        self.last_activity = monotonic()
+        """Inside the upstream read, like the head: appended to what it writes at its end
+        (the read set last_activity)."""
+        wbuf = self.client.wbuf
+        assert wbuf is not None  # set for the read
         if self.resp_chunked:
-            self.client.wbuf.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))  # type: ignore[union-attr]
+            wbuf.append(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
-            self.client.wbuf.append(chunk)  # type: ignore[union-attr]
+            wbuf.append(chunk)
 
     def on_response_complete(self, conn: UpstreamConnection, keep_alive: bool) -> None:
         if self.done:
@@ -483,7 +487,8 @@ class Exchange:
 
     def _finish(self) -> None:
         self.done = True
-        self.fw.record(self.req, self.status, monotonic() - self.t0, self.endpoint)  # _record, inline
+        # _record, inline; ended at the upstream read that completed the response
+        self.fw.record(self.req, self.status, self.last_activity - self.t0, self.endpoint)
         if self.fw.tracing is not None:
             self._end_spans(self.status, None)
         self.client.exchange_done(self)
