@@ -11,6 +11,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from resolver.errors import UpstreamBadResponse
 
 from .deadlines import monotonic
+from .memo import lower_name
 from .request import HOP_BY_HOP
 from .trailers import TrailerSink
 
@@ -180,7 +181,7 @@ class UpstreamConnection(asyncio.Protocol):
         if size >= len(_MAYBE_INTERPRETED) or not _MAYBE_INTERPRETED[size]:
             self.lines += (name, b": ", value, b"\r\n")
             return
-        lname = name.lower()
+        lname = lower_name(name)  # a shared object: INTERPRETED's look-up reuses its hash
         if lname not in INTERPRETED:
             self.lines += (name, b": ", value, b"\r\n")  # joined once, with the whole head
         elif lname == b"content-length":

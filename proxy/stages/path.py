@@ -6,11 +6,25 @@ from __future__ import annotations
 from resolver.errors import BadRequest
 
 
+def needs_normalizing(target: bytes) -> bool:
+    """Whether normalize_path could change `target`: "%", "/." or "//" before any "?". A loop
+    over the bytes: compiled, it costs less than one regex call (or three `in` tests) for
+    the short paths of nearly every request."""
+    prev = 0
+    for i in range(len(target)):
+        c = target[i]
+        if c == 63:  # "?": the query is never normalized
+            return False
+        if c == 37 or (prev == 47 and (c == 46 or c == 47)):  # "%", "/." or "//"
+            return True
+        prev = c
+    return False
+
+
 def normalize_path(target: bytes) -> bytes:
-    path, sep, query = target.partition(b"?")
-    # Fast path: nearly every request needs nothing.
-    if b"/." not in path and b"//" not in path and b"%" not in path:
+    if not needs_normalizing(target):  # nearly every request
         return target
+    path, sep, query = target.partition(b"?")
     lower = path.lower()
     if b"%2f" in lower or b"%5c" in lower:
         raise BadRequest("encoded '/' or '\\' in path")

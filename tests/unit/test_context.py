@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.stages.context import context_lines, cookie_value, parse_baggage
-from proxy.stages.path import normalize_path
+from proxy.stages.path import needs_normalizing, normalize_path
 from proxy.tracing import parse_traceparent
 from resolver.errors import BadContext, BadRequest, HeadersTooLarge
 
@@ -121,3 +123,12 @@ def test_a_forked_child_does_not_repeat_its_parent_s_ids():
     child = os.read(read, 4096)
     parent = b"".join(new_span_id() for _ in range(8))
     assert len(child) == 128 and child != parent
+
+
+@settings(max_examples=400, derandomize=True)
+@given(st.lists(st.sampled_from([b"/", b".", b"%", b"?", b"a", b"2e", b"//"]), max_size=10))
+def test_needs_normalizing_is_the_scan_it_replaced(parts):
+    """A byte loop stands in for a regex search of the path before any "?"."""
+    target = b"".join(parts)
+    path = target.partition(b"?")[0]
+    assert needs_normalizing(target) == (re.search(rb"/\.|//|%", path) is not None)
