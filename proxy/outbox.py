@@ -11,13 +11,15 @@ requests/s, mostly less kernel time per request; no change at 8 (loadtests/READM
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class Outbox:
     __slots__ = ("loop", "pending")
 
     def __init__(self, loop) -> None:
         self.loop = loop
-        self.pending: list[tuple] = []  # (transport, data), in the order sent
+        self.pending: list[tuple[Any, bytes]] = []  # (transport, data), in the order sent
 
     def send(self, transport, data: bytes) -> None:
         """Write `data` once this round's callbacks have run. Only for a request that is

@@ -35,7 +35,8 @@ class Request:
         "span", "echo_keep_alive",
     )
 
-    def __init__(self, method: bytes, target: bytes, version: str | None, headers: list,
+    def __init__(self, method: bytes, target: bytes, version: str | None,
+                 headers: list[tuple[bytes, bytes, bytes]],
                  keep_alive: bool, peer: str, scheme: bytes, started: float) -> None:
         self.method = method
         self.target = target
@@ -60,7 +61,7 @@ class Request:
         self.context_lines: bytes | None = None  # context_lines(env, baggage), when cached
         self.host: bytes | None = None
         self.expect_continue = False
-        self.hop_names: frozenset = NOT_COPIED  # plus names listed in Connection
+        self.hop_names: frozenset[bytes] = NOT_COPIED  # plus names listed in Connection
         # Raw values of the headers stax interprets, picked out in one pass by sanitize.
         self.h_baggage: list[bytes] | None = None
         self.h_env: bytes | None = None

@@ -4,7 +4,7 @@ Exchange currently attached. Nothing here decides policy."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
@@ -44,10 +44,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.idle = False
         self.idle_since = 0.0
         # [status line, name, b": ", value, b"\r\n", ...]; the TrailerSink once the head is parsed
-        self.lines: Any = [b""]
+        self.lines: list[bytes] = [b""]
         # (lowercased name, value) of the INTERPRETED headers, less a plain `Connection:
         # keep-alive` (it says nothing here) and Content-Length (llhttp refuses a second one):
-        self.special: Any = []
+        self.special: list[tuple[bytes, bytes]] = []
         self.length: bytes | None = None
         self.status = 0
         self.interim = False
@@ -177,6 +177,9 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks -----------------------------------------------------------------
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:  # a trailer field, after a chunked body: counted, never kept
+            self.trailers += (name, b": ", value, b"\r\n")
+            return
         size = len(name)
         if size >= len(_MAYBE_INTERPRETED) or not _MAYBE_INTERPRETED[size]:
             self.lines += (name, b": ", value, b"\r\n")
@@ -203,8 +206,7 @@ class UpstreamConnection(asyncio.Protocol):
         # raising makes it a parser error, and data_received drops the connection
         assert ex is not None
         ex.on_response_head(self, status, self.lines, self.special)
-        self.lines = self.special = trailers = self.trailers  # on_header's fields are trailers now
-        trailers.size = 0
+        self.trailers.size = 0  # on_header's fields are trailers now (head_done)
         if self.no_body and self.exchange is ex:  # (not when ex refused the head)
             self.reset_parser = True  # llhttp would wait for the body a HEAD response lacks
             ex.on_response_complete(self, self.parser.should_keep_alive())

@@ -92,7 +92,7 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
 
     # one baggage header value -> (stax.env, its checked name, other members, context lines or
     # None): values repeat
-    parsed_baggage: dict[bytes, tuple] = {}
+    parsed_baggage: dict[bytes, tuple[bytes | None, str | None, bytes, bytes | None]] = {}
 
     def context(req: Request) -> None:
         raw = req.h_hops

@@ -259,7 +259,8 @@ class Exchange:
                 self.fw.deadlines.add(self, self.route.timeout_s)
 
     # -- response (upstream -> client) -------------------------------------------------------
-    def on_response_head(self, conn: UpstreamConnection, status: int, lines: list, special: list) -> None:
+    def on_response_head(self, conn: UpstreamConnection, status: int, lines: list[bytes],
+                         special: list[tuple[bytes, bytes]]) -> None:
         """`lines`: [placeholder, then name, ": ", value, CRLF per forwarded header];
         `special`: (lowercased name, value) of the other headers stax interprets (hop-by-hop,
         X-Stax-Route); Content-Length is `conn.length`."""
