@@ -22,7 +22,7 @@ class _RandomHex:
     def take(self, digits: int) -> bytes:
         at = self.at
         if at + digits > len(self.buf):
-            self.buf = b"%04096x" % getrandbits(16384)
+            self.buf = getrandbits(16384).to_bytes(2048, "big").hex().encode()
             at = 0
         self.at = at + digits
         return self.buf[at:at + digits]

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from resolver.model import Endpoint
     from resolver.snapshot import Route
 
-    from ..balancer import EndpointHealth, RetryBudget
+    from ..balancer import BudgetCell, EndpointHealth, RetryBudget
     from ..server_protocol import ClientConnection
     from ..stats import Stats
     from ..upstream_pool import UpstreamPool
@@ -71,9 +71,10 @@ class Forwarder:
     def start(self, client: ClientConnection, req: Request) -> Exchange:
         route = req.route
         assert route is not None  # the route stage ran
-        cell = route.budget
-        if cell is None:
-            cell = route.budget = self.budget.cell(route.service)
+        cached = route.budget  # Any on the Route (resolver/ does not import proxy/)
+        cell: BudgetCell = self.budget.cell(route.service) if cached is None else cached
+        if cached is None:
+            route.budget = cell
         cell.requests += 1
         ex = Exchange(self, client, req)
         ex.start()
