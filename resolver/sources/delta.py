@@ -152,7 +152,11 @@ def _same_structure(a: Any, b: Any) -> bool:
 def _diff_entries(old: dict, prints: dict, new: dict) -> dict:
     """`old` and `prints`: fingerprints by name of the two sides; `new`: the new entries."""
     changed = {name: new[name] for name, fp in prints.items() if old.get(name, _MISSING) != fp}
-    removed = [name for name in old if name not in new]
+    return entry_part(changed, [name for name in old if name not in new])
+
+
+def entry_part(changed: dict, removed: list) -> dict:
+    """An ENTRY_KEYS mapping's part of a delta: its empty halves left out."""
     part: dict[str, Any] = {}
     if changed:
         part["set"] = changed

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .delta import ENTRY_KEYS
+from .delta import ENTRY_KEYS, entry_part
 
 
 class Entries:
@@ -229,12 +229,7 @@ def _splice_entries(old: bytes, top: Member, new: bytes, p: int, q: int,
     changed = {name: values[name] for name, s, e in zip(placed.names, placed.starts, placed.ends,
                                                          strict=True)
                if name not in was or (was[name] != new[s:e] and not _same(was[name], values[name]))}
-    removed = [name for name in was if name not in values]
-    part: dict[str, Any] = {}
-    if changed:
-        part["set"] = changed
-    if removed:
-        part["del"] = removed
+    part = entry_part(changed, [name for name in was if name not in values])
     entries = members.spliced(first, last, placed, by)
     return part, Member(top.name, top.key_start, top.start, top.end + by, entries)
 
