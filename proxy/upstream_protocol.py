@@ -43,7 +43,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.idle = False
         self.idle_since = 0.0
-        # [status line, name, b": ", value, b"\r\n", ...]; the TrailerSink once the head is parsed
+        # [status line, name, b": ", value, b"\r\n", ...] of the head being parsed
         self.lines: list[bytes] = [b""]
         # (lowercased name, value) of the INTERPRETED headers, less a plain `Connection:
         # keep-alive` (it says nothing here) and Content-Length (llhttp refuses a second one):
@@ -181,10 +181,9 @@ class UpstreamConnection(asyncio.Protocol):
             self.trailers += (name, b": ", value, b"\r\n")
             return
         size = len(name)
-        if size >= len(_MAYBE_INTERPRETED) or not _MAYBE_INTERPRETED[size]:
-            self.lines += (name, b": ", value, b"\r\n")
-            return
-        lname = lower_name(name)  # a shared object: INTERPRETED's look-up reuses its hash
+        maybe = size < len(_MAYBE_INTERPRETED) and _MAYBE_INTERPRETED[size]
+        # lower_name: a shared object, so INTERPRETED's look-up reuses its hash
+        lname = lower_name(name) if maybe else b""
         if lname not in INTERPRETED:
             self.lines += (name, b": ", value, b"\r\n")  # joined once, with the whole head
         elif lname == b"content-length":

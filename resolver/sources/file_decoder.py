@@ -34,8 +34,14 @@ class _Base(NamedTuple):
     """In the helper: the last file it read, as the base of the next delta."""
     digest: bytes
     summary: dict
-    data: bytes  # kept for splice() with `layout` (None: not a JSON file it can splice)
+    data: bytes  # kept for splice() with `layout`; b"" when the file cannot be spliced
     layout: Layout | None
+
+
+def _base(digest: bytes, summary: dict, data: bytes, known: Layout | None = None) -> _Base:
+    """`known`: data's layout when splice() gave it; else it is found here (once per base)."""
+    lay = known if known is not None else layout(data)
+    return _Base(digest, summary, data if lay is not None else b"", lay)
 
 
 _last: _Base | None = None
@@ -81,16 +87,16 @@ def decode_change(path: str, base: bytes) -> tuple:
     spliced = splice(previous.data, previous.layout, data) if previous.layout is not None else None
     if spliced is not None:
         delta, new_layout = spliced
-        _last = _Base(digest, advance_summary(previous.summary, delta), data, new_layout)
+        _last = _base(digest, advance_summary(previous.summary, delta), data, new_layout)
         return ("delta", digest, delta, True)
     doc = load_document(data)
     delta, summary = diff_summary(previous.summary, doc)
-    _last = _Base(digest, summary, data, layout(data))
+    _last = _base(digest, summary, data)
     return ("delta", digest, delta, False)
 
 
 def _decoded(data: bytes, digest: bytes) -> _Base:
-    return _Base(digest, summarize(load_document(data)), data, layout(data))
+    return _base(digest, summarize(load_document(data)), data)
 
 
 def remember(path: str) -> bytes:
