@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, Final
 if TYPE_CHECKING:
     from resolver.snapshot import Route
 
+    from .stages.context import Parsed
+
 LONG_BODY: Final = 1 << 20
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
@@ -30,9 +32,9 @@ class Request:
         "method", "target", "path", "version", "headers", "keep_alive", "chunked",
         "content_length", "peer", "scheme", "upgrade",
         "env", "service", "route", "hops", "trace_id", "parent_id", "span_id", "trace_flags",
-        "baggage", "context_lines", "started", "host", "expect_continue", "hop_names",
+        "context_lines", "started", "host", "expect_continue", "hop_names",
         "h_baggage", "h_env", "h_traceparent", "h_hops", "h_cookie", "h_xff", "h_xfp",
-        "span", "echo_keep_alive",
+        "span", "echo_keep_alive", "parsed",
     )
 
     def __init__(self, method: bytes, target: bytes, version: str | None,
@@ -57,7 +59,6 @@ class Request:
         self.trace_id = self.span_id = b""
         self.parent_id = b""  # the caller's span id, from a valid incoming traceparent
         self.trace_flags = b"01"
-        self.baggage = b""  # the other baggage members, as received, joined by ","
         self.context_lines: bytes | None = None  # context_lines(env, baggage), when cached
         self.host: bytes | None = None
         self.expect_continue = False
@@ -74,6 +75,8 @@ class Request:
         # `Connection: keep-alive` asked: the response says it back, as an HTTP/1.0 client
         # needs to keep the connection (RFC 9112 C.2.2)
         self.echo_keep_alive = False
+        # its baggage header, parsed (context stage): the env it names, the other members
+        self.parsed: Parsed | None = None
 
     def __repr__(self) -> str:
         return (f"<Request {self.method.decode()} {self.path.decode('latin-1')} "

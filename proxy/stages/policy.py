@@ -52,7 +52,10 @@ def make_policy(cell, *, policy: str, allow: frozenset, key: bytes | None, defau
     def context_policy(req: Request) -> None:
         env = req.env
         snap = cell.current
-        private = snap is not None and env in snap.graph.private_envs
+        private_envs = snap.graph.private_envs if snap is not None else None
+        # most graphs have none: then the env name (with 10,000 envs in rotation, memory no
+        # other request touches) is not hashed here
+        private = bool(private_envs) and env in private_envs  # type: ignore[operator]
         if not private:
             if policy == "open" or env == default_env(req):
                 return

@@ -132,3 +132,59 @@ def test_needs_normalizing_is_the_scan_it_replaced(parts):
     target = b"".join(parts)
     path = target.partition(b"?")[0]
     assert needs_normalizing(target) == (re.search(rb"/\.|//|%", path) is not None)
+
+
+# -- the route a parsed baggage value remembers is the snapshot's answer ------------------
+_ENVS = {"e0": None, "e1": "e0", "e2": "e1", "e3": "e0"}  # name -> parent
+
+
+@st.composite
+def _graph_docs(draw):
+    """A graph over _ENVS: e0 provides every service, the others overlay some; a version that
+    another draw may repeat (a republished or rolled-back store)."""
+    envs = {}
+    for name, parent in _ENVS.items():
+        own = ["s0", "s1", "s2"] if parent is None else draw(st.lists(st.sampled_from(["s0", "s1", "s2"]), unique=True))
+        envs[name] = {"services": {s: {"endpoints": [f"{name}-{s}:80"]} for s in own}}
+        if parent is not None:
+            envs[name]["parent"] = parent
+    return {"version": draw(st.integers(1, 2)), "baseline": "e0", "envs": envs}
+
+
+@settings(max_examples=200, derandomize=True, deadline=None)
+@given(st.lists(_graph_docs(), min_size=1, max_size=4),
+       st.lists(st.tuples(st.integers(0, 3), st.sampled_from(sorted(_ENVS)), st.sampled_from(["s0", "s1", "s2"])),
+                min_size=1, max_size=30))
+def test_the_route_remembered_per_baggage_value_is_the_serving_snapshot_s(docs, steps):
+    """Requests repeat baggage values across snapshot swaps (some with the same version) and
+    services: each gets the route the serving snapshot resolves, never one remembered from
+    another snapshot or service."""
+    from proxy.request import Request
+    from proxy.stages.context import make_context
+    from proxy.stages.route import make_egress_route
+    from resolver.snapshot import Snapshot
+    from resolver.sync import SnapshotCell
+    from resolver.validate import parse_graph
+
+    cell = SnapshotCell()
+    context = make_context(max_hops=10, max_baggage_bytes=8192, max_baggage_members=64,
+                           default_env=lambda req: "e0")
+    route = make_egress_route(cell)
+    serving = None
+    for i, env, service in steps:
+        if i < len(docs) and serving is not docs[i]:
+            serving = docs[i]
+            cell.current = Snapshot(parse_graph(serving))
+        elif cell.current is None:
+            serving = docs[0]
+            cell.current = Snapshot(parse_graph(serving))
+        req = Request(b"GET", b"/", "1.1", [], True, "127.0.0.1", b"http", 0.0)
+        req.h_baggage = [f"stax.env={env},k=v".encode()]
+        req.host = service.encode()
+        context(req)
+        route(req)
+        node = env  # the nearest env in the chain overlaying the service
+        while service not in serving["envs"][node]["services"]:
+            node = _ENVS[node]
+        assert (req.route.service, req.route.provider_env) == (service, node)
+        assert req.route is cell.current.resolve(env, service)
