@@ -13,11 +13,19 @@ only the in-process time per request (best of 5), which is as noisy as the machi
     python -m loadtests.icount --mode sidecar     # the sidecar's egress listener
     python -m loadtests.icount --mode floor       # the featureless Python floor, for reference
     python -m loadtests.icount --functions 20     # bytecodes and calls per request, by function
+    python -m loadtests.icount --rotate 10000     # the bench's 10,000-env graph, each request
+                                                  # naming the next of its envs (see below)
     STAX_PURE=1 python -m loadtests.icount        # the sources interpreted, not the compiled path
 
 --functions counts the bytecodes of the sources: with the request path compiled, it runs itself
 again with STAX_PURE=1.
     python -m loadtests.icount --footprint        # L1 data misses per request by L1 size
+
+--rotate N drives the bench's N-env graph (loadtests/common.py big_graph) with requests that
+rotate over all its envs, as the bench's `10k-env` cell does. Its instructions per request are
+those of three envs; what it shows is memory: run it under cachegrind with a last-level cache
+of the size of a core's L2 to count the misses per request of data no recent request touched
+(loadtests/README.md, "Rotating over 10,000 envs").
 
 Tracing with an exporter is measured by the bench (`--targets stax-gateway-otlp,...`).
 """
@@ -42,7 +50,7 @@ import uvloop
 from proxy import compiled
 
 from .bench.load import TRACEPARENT
-from .common import small_graph
+from .common import big_graph, env_names, small_graph
 
 UPSTREAM = "127.0.0.1:8000"  # never dialled: the driver hands the pool a connected fake
 REQUEST = (b"GET /small HTTP/1.1\r\nHost: bench\r\nbaggage: stax.env=baseline,userId=bench\r\n"
@@ -112,9 +120,9 @@ def floor_pair() -> tuple:
     return client, client.upstream, client_t, upstream_t, LoopRound()
 
 
-def stax_pair(mode: str) -> tuple:
-    """stax's client and upstream protocols, the stages and metrics of `mode`, wired to
-    in-memory transports, the upstream connection idle in the pool."""
+def stax_pair(mode: str, doc: dict) -> tuple:
+    """stax's client and upstream protocols, the stages and metrics of `mode` on the graph
+    `doc`, wired to in-memory transports, the upstream connection idle in the pool."""
     from proxy.config import ProxyConfig
     from proxy.gateway import build_gateway
     from proxy.runtime import Runtime
@@ -126,7 +134,7 @@ def stax_pair(mode: str) -> tuple:
     extra = {"env": "baseline", "service": "bench", "app": UPSTREAM} if mode == "sidecar" else {}
     with tempfile.TemporaryDirectory(prefix="stax-icount-") as tmp:  # read once, here
         graph = Path(tmp) / "graph.json"
-        graph.write_text(json.dumps(small_graph(UPSTREAM)))
+        graph.write_text(json.dumps(doc))
         cfg = ProxyConfig(mode=mode, graph=str(graph), **extra)
         rt = Runtime(cfg)
         rt.cell.publish(load_file(cfg.graph))
@@ -144,31 +152,46 @@ def stax_pair(mode: str) -> tuple:
     return client, upstream, client_t, upstream_t, loop_round
 
 
-def warmed(mode: str):
-    """One request through the pair of `mode`, as a function, after 2,000 of them."""
-    client, upstream, client_t, upstream_t, loop_round = floor_pair() if mode == "floor" else stax_pair(mode)
+def warmed(mode: str, rotate: int = 0):
+    """One request through the pair of `mode`, as a function, after 2,000 of them (with
+    `rotate`, on the `rotate`-env graph, each request naming the next env, after two rounds)."""
+    doc = big_graph(UPSTREAM, envs=rotate) if rotate else small_graph(UPSTREAM)
+    client, upstream, client_t, upstream_t, loop_round = floor_pair() if mode == "floor" else stax_pair(mode, doc)
+    heads = [REQUEST.replace(b"stax.env=baseline", b"stax.env=" + env.encode()) for env in env_names(doc)] if rotate else [REQUEST]
+    turn = [0]
 
     def one() -> None:
         client.data_received(REQUEST)
         loop_round.end()
         upstream.data_received(RESPONSE)
 
-    for _ in range(2000):  # warm: memoized routes and context, specialised bytecode
+    def next_one() -> None:  # the same and a turn of the rotation (kept apart: icount's count)
+        i = turn[0]
+        turn[0] = i + 1 if i + 1 < len(heads) else 0
+        client.data_received(heads[i])
+        loop_round.end()
+        upstream.data_received(RESPONSE)
+
+    if rotate:
+        one = next_one
+
+    for _ in range(max(2000, 2 * len(heads))):  # warm: memoized routes and context, specialised bytecode
         one()
     # Freeze what exists, as the proxy does on each graph publish: a collection walking it
     # during the counted requests (rare in production) would land in one run's count only.
     gc.collect()
     gc.freeze()
     upstream_t.last = client_t.last = b""  # the check is of a request made now, not the first
+    env = env_names(doc)[turn[0]].encode()  # the env the next request names
     one()
-    if ((b"x-stax-env: baseline" not in upstream_t.last and mode != "floor")
+    if ((b"x-stax-env: " + env + b"\r\n" not in upstream_t.last and mode != "floor")
             or not upstream_t.last.startswith(b"GET /small ") or not client_t.last.startswith(b"HTTP/1.1 200")):
         raise SystemExit(f"the driver's request did not go through:\n{upstream_t.last!r}\n{client_t.last!r}")
     return one
 
 
-async def drive(mode: str, requests: int, timed: bool) -> float | None:
-    one = warmed(mode)
+async def drive(mode: str, requests: int, timed: bool, rotate: int = 0) -> float | None:
+    one = warmed(mode, rotate)
     best = None
     if timed:
         for _ in range(5):
@@ -219,7 +242,7 @@ async def bytecodes(mode: str, requests: int) -> dict:
 def _valgrind(args, requests: int, tool: list[str], counter: str) -> int:
     """Run the driver for `requests` requests under valgrind `tool`; the count `counter` matched."""
     cmd = ["valgrind", *tool, sys.executable, "-m", "loadtests.icount", "--inner", "--requests",
-           str(requests), "--mode", args.mode]
+           str(requests), "--mode", args.mode, "--rotate", str(args.rotate)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
                          env={**os.environ, "PYTHONHASHSEED": "0"})  # same hashes, same probes
     found = re.search(counter, out.stderr)
@@ -265,10 +288,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead: bytecodes and Python calls per request, the top N functions")
     ap.add_argument("--footprint", action="store_true",
                     help="instead: L1 data misses per request at simulated L1 sizes (needs valgrind)")
-    ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)  # the run under valgrind
+    ap.add_argument("--rotate", type=int, metavar="N", default=0,
+                    help="the bench's N-env graph, each request naming the next of its envs (gateway, sidecar)")
+    ap.add_argument("--inner", action="store_true",
+                    help="only drive the requests (the run under valgrind; for a valgrind tool of your own)")
     args = ap.parse_args(argv)
+    if args.rotate and (args.mode == "floor" or args.functions):
+        raise SystemExit("--rotate drives stax (gateway or sidecar) and counts instructions or misses")
     if args.inner:
-        uvloop.run(drive(args.mode, args.requests, timed=False))
+        uvloop.run(drive(args.mode, args.requests, timed=False, rotate=args.rotate))
         return 0
     if args.functions:
         if compiled():  # compiled code runs no bytecodes: count those of its sources, interpreted
@@ -296,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         for kib, m in curve.items():
             print(f"  L1 {kib:4d} KiB: {m:8,.0f}")
         return 0
-    us = uvloop.run(drive(args.mode, args.requests, timed=True))
-    result = {"mode": args.mode, "requests": args.requests, "compiled": compiled(),
+    us = uvloop.run(drive(args.mode, args.requests, timed=True, rotate=args.rotate))
+    result = {"mode": args.mode, "requests": args.requests, "compiled": compiled(), "rotate": args.rotate,
               "us_per_request_in_process": us, "instructions_per_request": None}
     if shutil.which("valgrind"):
         base = callgrind_total(args, 0)
@@ -307,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     what = "the Python floor" if args.mode == "floor" else (
         f"stax {args.mode} ({'compiled' if result['compiled'] else 'interpreted'})")
+    if args.rotate:
+        what += f", rotating over {args.rotate:,} envs"
     print(f"{what}: {us:.2f} µs per request in-process (best of 5 x {args.requests:,}; as noisy as the machine)")
     if result["instructions_per_request"] is None:
         print("valgrind is not installed (apt-get install valgrind): no instruction count")

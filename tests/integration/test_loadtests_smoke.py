@@ -114,6 +114,16 @@ def test_icount_drives_the_real_request_path():
         assert result["instructions_per_request"] is None
 
 
+def test_icount_rotates_over_the_envs_of_a_big_graph():
+    """--rotate drives the bench's big graph with each request naming the next env: the run
+    exits non-zero unless the last request reached the upstream carrying its own env."""
+    proc = subprocess.run([sys.executable, "-m", "loadtests.icount", "--rotate", "300", "--requests", "301",
+                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["rotate"] == 300 and result["us_per_request_in_process"] > 0
+
+
 def test_icount_profiles_bytecodes_by_function():
     """--functions counts the bytecodes and Python calls of a request by function: stax's
     protocols and stages show up, and the totals match the rows."""
