@@ -223,6 +223,7 @@ def scale_table(scale: dict) -> str:
                    f"{v['errors']:>6}  {v['foreign_cpu']:>5.0%}")
     applied = sum(r["applied"] for r in scale["reloads"])
     writes = sum(r["writes"] for r in scale["reloads"])
+    out.append("ratios: median of the per-round ratios (rounds interleaved), as above")
     out.append(f"10k-env ÷ 3-env, same 3-env traffic: throughput "
                f"{scale['throughput_ratio_10k_vs_3_same_traffic']:.2f}, CPU per request "
                f"{scale['cpu_ratio_10k_vs_3_same_traffic']:.2f}; traffic over all envs: throughput "

@@ -84,6 +84,13 @@ def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
+def _paired(results: dict[str, list[dict]], name: str, ref: str, key: str) -> float:
+    """The median over rounds of `name`'s `key` ÷ `ref`'s in the same round, as the main
+    table's ratios are taken: rounds are interleaved, so a slow spell of the machine hits both
+    sides of a pair (a ratio of medians would pair rounds that ran minutes apart)."""
+    return statistics.median(a[key] / b[key] for a, b in zip(results[name], results[ref], strict=True))
+
+
 def summarize(rows: list[dict]) -> dict:
     return {"rounds": len(rows), "rps": _median(rows, "rps"), "p50_ms": _median(rows, "p50_ms"),
             "p99_ms": _median(rows, "p99_ms"), "max_ms": max(r["max_ms"] for r in rows),
@@ -150,16 +157,14 @@ def run_scale(tmp: Path, upstream: int, *, rounds: int, duration: int, connectio
                                     python_load=python_load, log=log)
         processes = process_memory(big_gw.pids())
     summary = {name: summarize(rows) for name, rows in results.items()}
-    small, steady, reload = summary["3-env"], summary["10k-env"], summary["10k-env reloading"]
-    same_traffic = summary["10k-env, 3 envs"]
     return {
         "graph": {"envs": len(big["envs"]), "services": services,
                   "bytes": big_path.stat().st_size},
         "connections": connections, "duration_s": duration,
         "runs": results, "summary": summary, "reloads": reloads, "processes_10k": processes,
-        "throughput_ratio_10k_vs_3": steady["rps"] / small["rps"],
-        "throughput_ratio_10k_vs_3_same_traffic": same_traffic["rps"] / small["rps"],
-        "cpu_ratio_10k_vs_3": steady["cpu_us_per_req"] / small["cpu_us_per_req"],
-        "cpu_ratio_10k_vs_3_same_traffic": same_traffic["cpu_us_per_req"] / small["cpu_us_per_req"],
-        "p99_ratio_reloading_vs_steady": reload["p99_ms"] / steady["p99_ms"],
+        "throughput_ratio_10k_vs_3": _paired(results, "10k-env", "3-env", "rps"),
+        "throughput_ratio_10k_vs_3_same_traffic": _paired(results, "10k-env, 3 envs", "3-env", "rps"),
+        "cpu_ratio_10k_vs_3": _paired(results, "10k-env", "3-env", "cpu_us_per_req"),
+        "cpu_ratio_10k_vs_3_same_traffic": _paired(results, "10k-env, 3 envs", "3-env", "cpu_us_per_req"),
+        "p99_ratio_reloading_vs_steady": _paired(results, "10k-env reloading", "10k-env", "p99_ms"),
     }

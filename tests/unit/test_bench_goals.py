@@ -60,3 +60,13 @@ def test_req_s_goals_say_how_much_of_the_python_floor_features_may_cost():
     # without the floor measured, no headroom is claimed
     without = goals.evaluate([s for s in summary if s["target"] != "python-floor"], None)
     assert all("headroom" not in g for g in without)
+
+
+def test_scale_ratios_pair_the_rounds():
+    """The scale cells' ratios are taken within each round, then the median: not the ratio of
+    the two medians, which pairs rounds that ran minutes apart."""
+    from loadtests.bench.scale import _paired
+
+    results = {"10k-env": [{"rps": 9.0}, {"rps": 30.0}, {"rps": 21.0}],
+               "3-env": [{"rps": 10.0}, {"rps": 20.0}, {"rps": 40.0}]}
+    assert _paired(results, "10k-env", "3-env", "rps") == 0.9  # rounds: 0.9, 1.5, 0.525
