@@ -181,8 +181,12 @@ def splice(old: bytes, old_layout: Layout, new: bytes) -> tuple[dict, Layout] | 
         if top.entries is None:
             if top.name in ENTRY_KEYS:  # was not a mapping: its new value needs its members
                 return None
-            value = orjson.loads(new[top.start:top.end + by])
-            changed = Member(top.name, top.key_start, top.start, top.end + by, None)
+            raw = new[top.start:top.end + by]
+            value = orjson.loads(raw)
+            # the edit may have added or removed spaces around the value: the layout places
+            # the value itself, as a fresh walk does
+            lead, trail = len(raw) - len(raw.lstrip()), len(raw) - len(raw.rstrip())
+            changed = Member(top.name, top.key_start, top.start + lead, top.end + by - trail, None)
             same = _same(old[top.start:top.end], value)
             delta: dict = {} if same else {"set": {top.name: value}}
         elif top.start < p and q < top.end:  # inside the mapping's braces
