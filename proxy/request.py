@@ -32,7 +32,7 @@ class Request:
         "method", "target", "path", "version", "headers", "keep_alive", "chunked",
         "content_length", "peer", "scheme", "upgrade",
         "env", "service", "route", "hops", "trace_id", "parent_id", "span_id", "trace_flags",
-        "context_lines", "started", "host", "expect_continue", "hop_names",
+        "started", "host", "expect_continue", "hop_names",
         "h_baggage", "h_env", "h_traceparent", "h_hops", "h_cookie", "h_xff", "h_xfp",
         "span", "echo_keep_alive", "parsed",
     )
@@ -59,7 +59,6 @@ class Request:
         self.trace_id = self.span_id = b""
         self.parent_id = b""  # the caller's span id, from a valid incoming traceparent
         self.trace_flags = b"01"
-        self.context_lines: bytes | None = None  # context_lines(env, baggage), when cached
         self.host: bytes | None = None
         self.expect_continue = False
         self.hop_names: frozenset[bytes] = NOT_COPIED  # plus names listed in Connection
@@ -75,7 +74,8 @@ class Request:
         # `Connection: keep-alive` asked: the response says it back, as an HTTP/1.0 client
         # needs to keep the connection (RFC 9112 C.2.2)
         self.echo_keep_alive = False
-        # its baggage header, parsed (context stage): the env it names, the other members
+        # its baggage header, parsed (context stage): the env it names, the other members and
+        # the context lines they make
         self.parsed: Parsed | None = None
 
     def __repr__(self) -> str:

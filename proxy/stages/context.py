@@ -133,19 +133,16 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
         values = req.h_baggage
         name = None
         if values is not None:
-            if len(values) == 1:
-                found = parsed_baggage.get(values[0])
-                if found is None:
-                    found = remember(parsed_baggage, values[0], Parsed(*parse_baggage(
-                        values, max_bytes=max_baggage_bytes, max_members=max_baggage_members)))
-            else:
+            found = parsed_baggage.get(values[0]) if len(values) == 1 else None
+            if found is None:
                 found = Parsed(*parse_baggage(values, max_bytes=max_baggage_bytes,
                                               max_members=max_baggage_members))
+                if len(values) == 1:
+                    remember(parsed_baggage, values[0], found)
             # its raw stax.env is read only to compare: with 10,000 envs in rotation each entry
             # is cold, and every object touched costs a cache miss
             name = found.name
             req.parsed = found
-            req.context_lines = found.lines
             if name is not None and req.h_env is not None and req.h_env.strip() != found.env:
                 raise BadContext("baggage stax.env and x-stax-env disagree")
         if name is not None:

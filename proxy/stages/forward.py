@@ -587,8 +587,11 @@ def _request_head(req: Request, client: ClientConnection) -> bytes:
         if lname in skip:
             continue
         out += (name, b": ", value, b"\r\n")  # joined once below: no bytes per line
-    out += (req.context_lines or context_lines(req.env, req.parsed.others if req.parsed else b""),  # type: ignore[arg-type]
-            req.trace_id, b"-", req.span_id, b"-", req.trace_flags,
+    parsed = req.parsed
+    lines = parsed.lines if parsed is not None else None
+    if lines is None:  # no stax.env in the baggage (or no baggage): the env came from elsewhere
+        lines = context_lines(req.env, parsed.others if parsed is not None else b"")  # type: ignore[arg-type]
+    out += (lines, req.trace_id, b"-", req.span_id, b"-", req.trace_flags,
             _HOPS_LINES[req.hops] if req.hops < 64 else b"\r\nx-stax-hops: %d\r\n" % req.hops)
     if req.h_xff is None and req.h_xfp is None:
         out.append(client.forwarded)

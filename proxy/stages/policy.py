@@ -14,11 +14,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from typing import Final
 
 from resolver.errors import Forbidden
 
 from ..request import Request
 from .context import cookie_value
+
+_NONE: Final[frozenset[str]] = frozenset()  # the private envs while no graph is loaded
 
 
 def mint_token(key: bytes, env: str, ttl_s: int, *, now: float | None = None) -> str:
@@ -52,10 +55,10 @@ def make_policy(cell, *, policy: str, allow: frozenset, key: bytes | None, defau
     def context_policy(req: Request) -> None:
         env = req.env
         snap = cell.current
-        private_envs = snap.graph.private_envs if snap is not None else None
+        private_envs = snap.graph.private_envs if snap is not None else _NONE
         # most graphs have none: then the env name (with 10,000 envs in rotation, memory no
         # other request touches) is not hashed here
-        private = bool(private_envs) and env in private_envs  # type: ignore[operator]
+        private = bool(private_envs) and env in private_envs
         if not private:
             if policy == "open" or env == default_env(req):
                 return

@@ -46,10 +46,11 @@ def _resolve(cell: SnapshotCell, req: Request, service: str) -> None:
     env = req.env
     assert env is not None  # the context stage ran
     parsed = req.parsed
-    if parsed is not None and parsed.name is env:  # the env came from this baggage value
-        if parsed.serial == snap.serial and parsed.service == service:
-            req.route = parsed.route
-            return
+    if parsed is not None and parsed.name is not env:  # the env did not come from the baggage
+        parsed = None
+    if parsed is not None and parsed.serial == snap.serial and parsed.service == service:
+        req.route = parsed.route
+        return
     envs = snap.memo.get(service)  # resolve()'s hit, inline
     route = envs.get(env) if envs is not None else None
     if route is None:
@@ -60,7 +61,7 @@ def _resolve(cell: SnapshotCell, req: Request, service: str) -> None:
                 raise NoProvider(f"{service[:70]!r} is not a service name") from None
             raise
     req.route = route
-    if parsed is not None and parsed.name is env:
+    if parsed is not None:
         parsed.serial, parsed.service, parsed.route = snap.serial, service, route
 
 

@@ -153,12 +153,13 @@ def _graph_docs(draw):
 
 @settings(max_examples=200, derandomize=True, deadline=None)
 @given(st.lists(_graph_docs(), min_size=1, max_size=4),
-       st.lists(st.tuples(st.integers(0, 3), st.sampled_from(sorted(_ENVS)), st.sampled_from(["s0", "s1", "s2"])),
+       st.lists(st.tuples(st.integers(0, 3), st.sampled_from(sorted(_ENVS)), st.sampled_from(["s0", "s1", "s2"]),
+                          st.booleans()),
                 min_size=1, max_size=30))
 def test_the_route_remembered_per_baggage_value_is_the_serving_snapshot_s(docs, steps):
-    """Requests repeat baggage values across snapshot swaps (some with the same version) and
-    services: each gets the route the serving snapshot resolves, never one remembered from
-    another snapshot or service."""
+    """Requests repeat baggage values across snapshot swaps (some with the same version),
+    services and envs named by x-stax-env: each gets the route the serving snapshot resolves,
+    never one remembered from another snapshot, service or env."""
     from proxy.request import Request
     from proxy.stages.context import make_context
     from proxy.stages.route import make_egress_route
@@ -171,7 +172,7 @@ def test_the_route_remembered_per_baggage_value_is_the_serving_snapshot_s(docs, 
                            default_env=lambda req: "e0")
     route = make_egress_route(cell)
     serving = None
-    for i, env, service in steps:
+    for i, env, service, via_header in steps:
         if i < len(docs) and serving is not docs[i]:
             serving = docs[i]
             cell.current = Snapshot(parse_graph(serving))
@@ -179,7 +180,10 @@ def test_the_route_remembered_per_baggage_value_is_the_serving_snapshot_s(docs, 
             serving = docs[0]
             cell.current = Snapshot(parse_graph(serving))
         req = Request(b"GET", b"/", "1.1", [], True, "127.0.0.1", b"http", 0.0)
-        req.h_baggage = [f"stax.env={env},k=v".encode()]
+        if via_header:  # one baggage value for every env: the env is x-stax-env's
+            req.h_baggage, req.h_env = [b"k=v"], env.encode()
+        else:
+            req.h_baggage = [f"stax.env={env},k=v".encode()]
         req.host = service.encode()
         context(req)
         route(req)
