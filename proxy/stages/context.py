@@ -93,20 +93,38 @@ class Parsed:
     the upstream context lines they make."""
 
     # in the order a request reads them: with 10,000 envs in rotation each is cold memory
-    __slots__ = ("name", "lines", "serial", "service", "route", "env", "others")
+    __slots__ = ("name", "at", "end", "serial", "service", "route", "lines", "env", "others")
 
-    def __init__(self, env: bytes | None, others: bytes) -> None:
+    def __init__(self, env: bytes | None, others: bytes, raw: bytes | None = None) -> None:
         name = None if env is None else _check_name(env, "baggage stax.env")
         self.name = name
-        self.lines = None if name is None else context_lines(name, others)
+        # `raw[at:end]` is the env's name when `raw`, the header's one value, can go upstream
+        # as received: its one stax.env member reads `stax.env=<name>`. The forward stage then
+        # copies the request's own bytes, which are in cache, rather than this env's lines.
+        self.at = self.end = -1
+        if name is not None and raw is not None:
+            self.at, self.end = _name_span(raw, name)
         # The last route the route stage resolved for `name`: `service` on the snapshot of
         # `serial`. A request of this value skips the snapshot's memo (the env name's hash, a
         # dict entry), which with 10,000 envs in rotation is memory no other request touches.
         self.serial = 0
         self.service: str | None = None
         self.route: Route | None = None
+        self.lines = None if name is None else context_lines(name, others)
         self.env = env  # as received, for x-stax-env to agree with
         self.others = others  # the other members, as received, joined by ","
+
+
+def _name_span(raw: bytes, name: str) -> tuple[int, int]:
+    """Where `name` sits in `raw` if its only stax.env member is exactly `stax.env=<name>` (no
+    property, no percent-encoding, no spaces around "="); else (-1, -1). One "stax.env" in all
+    of `raw` is that member's key, so what precedes it is a member's start."""
+    member = BAGGAGE_KEY + b"=" + name.encode()
+    at = raw.find(member)
+    end = at + len(member)
+    if at < 0 or raw.count(BAGGAGE_KEY) != 1 or raw[end:].lstrip(b" \t")[:1] not in (b"", b","):
+        return -1, -1
+    return at + len(BAGGAGE_KEY) + 1, end
 
 
 def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: int,
@@ -135,8 +153,9 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
         if values is not None:
             found = parsed_baggage.get(values[0]) if len(values) == 1 else None
             if found is None:
-                found = Parsed(*parse_baggage(values, max_bytes=max_baggage_bytes,
-                                              max_members=max_baggage_members))
+                env, others = parse_baggage(values, max_bytes=max_baggage_bytes,
+                                            max_members=max_baggage_members)
+                found = Parsed(env, others, values[0] if len(values) == 1 else None)
                 if len(values) == 1:
                     remember(parsed_baggage, values[0], found)
             # its raw stax.env is read only to compare: with 10,000 envs in rotation each entry

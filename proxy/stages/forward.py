@@ -587,12 +587,20 @@ def _request_head(req: Request, client: ClientConnection) -> bytes:
         if lname in skip:
             continue
         out += (name, b": ", value, b"\r\n")  # joined once below: no bytes per line
+    # the context lines end in the traceparent's prefix; one extend each way: a tuple less
+    hops = _HOPS_LINES[req.hops] if req.hops < 64 else b"\r\nx-stax-hops: %d\r\n" % req.hops
     parsed = req.parsed
-    lines = parsed.lines if parsed is not None else None
-    if lines is None:  # no stax.env in the baggage (or no baggage): the env came from elsewhere
-        lines = context_lines(req.env, parsed.others if parsed is not None else b"")  # type: ignore[arg-type]
-    out += (lines, req.trace_id, b"-", req.span_id, b"-", req.trace_flags,
-            _HOPS_LINES[req.hops] if req.hops < 64 else b"\r\nx-stax-hops: %d\r\n" % req.hops)
+    if parsed is not None and parsed.at >= 0:  # the baggage goes upstream as received
+        values = req.h_baggage
+        assert values is not None  # the one value parsed
+        raw = values[0]
+        out += (b"x-stax-env: ", raw[parsed.at:parsed.end], b"\r\nbaggage: ", raw,
+                b"\r\ntraceparent: 00-", req.trace_id, b"-", req.span_id, b"-", req.trace_flags, hops)
+    else:
+        lines = parsed.lines if parsed is not None else None
+        if lines is None:  # no stax.env in the baggage (or no baggage): the env came from elsewhere
+            lines = context_lines(req.env, parsed.others if parsed is not None else b"")  # type: ignore[arg-type]
+        out += (lines, req.trace_id, b"-", req.span_id, b"-", req.trace_flags, hops)
     if req.h_xff is None and req.h_xfp is None:
         out.append(client.forwarded)
     else:  # a trusted proxy's X-Forwarded-* (sanitize dropped anyone else's): extend them

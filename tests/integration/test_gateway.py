@@ -86,6 +86,20 @@ async def test_context_headers_upstream_sees(gw):
     assert h["x-forwarded-proto"] == "http"
 
 
+async def test_a_plain_baggage_value_goes_upstream_as_received(gw):
+    # its one stax.env member reads stax.env=<name>: nothing to rewrite, order and spaces kept
+    sent = "userId=alice, stax.env=feature-1 ,isProduction=false"
+    for _ in range(2):  # parsed, then remembered
+        resp, _ = await get(gw, "/", Host="web", baggage=sent)
+        assert resp.status == 200
+        h = gw["up"]["web-f1"].seen[-1]["headers"]
+        assert h["baggage"] == sent and h["x-stax-env"] == "feature-1"
+    # percent-encoded: rewritten, so the next hop reads the name it would decode
+    resp, _ = await get(gw, "/", Host="web", baggage="userId=alice,stax.env=feature%2D1")
+    h = gw["up"]["web-f1"].seen[-1]["headers"]
+    assert h["baggage"] == "userId=alice,stax.env=feature-1" and h["x-stax-env"] == "feature-1"
+
+
 async def test_new_trace_when_none_or_invalid(gw):
     await get(gw, "/", Host="web", traceparent="garbage")
     tp = gw["up"]["web-base"].seen[-1]["headers"]["traceparent"]

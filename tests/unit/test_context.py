@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.stages.context import context_lines, cookie_value, parse_baggage
+from proxy.stages.context import Parsed, context_lines, cookie_value, parse_baggage
 from proxy.stages.path import needs_normalizing, normalize_path
 from proxy.tracing import parse_traceparent
-from resolver.errors import BadContext, BadRequest, HeadersTooLarge
+from resolver.errors import BadContext, BadRequest, HeadersTooLarge, StaxError
 
 
 def bag(*values):
@@ -94,6 +94,46 @@ def test_context_lines_carry_the_env_after_the_other_members():
         b"x-stax-env: team-a\r\nbaggage: userId=1,k=v,stax.env=team-a\r\ntraceparent: 00-")
     assert context_lines("team-a", b"") == (
         b"x-stax-env: team-a\r\nbaggage: stax.env=team-a\r\ntraceparent: 00-")
+
+
+def _members(value: bytes) -> list[bytes]:
+    return sorted(m.strip() for m in value.split(b",") if m.strip())
+
+
+def test_a_value_goes_upstream_as_received_when_its_stax_env_member_is_plain():
+    def span(raw):
+        p = Parsed(*bag(raw), raw)
+        return raw[p.at:p.end] if p.at >= 0 else None
+
+    assert span(b"stax.env=team-a") == b"team-a"
+    assert span(b"userId=1, stax.env=team-a ,k=v") == b"team-a"
+    # rewritten: a property, percent-encoding, spaces around "=", two members, "stax.env" elsewhere
+    for raw in (b"stax.env=team-a;p=1", b"stax.env=team-a ;p=1", b"stax.env=team%2Da",
+                b"stax.env = team-a", b"stax.env=team-a,stax.env=team-a", b"k=stax.env,stax.env=team-a",
+                b"xstax.env=team-a,stax.env=team-a"):
+        assert span(raw) is None, raw
+    two = Parsed(*bag(b"stax.env=team-a", b"k=v"))  # two header values: always rewritten
+    assert two.at == -1 and two.lines is not None
+
+
+_PIECES = [b"stax.env=team-a", b"stax.env=team%2Da", b"stax.env=team-a;p=1", b" stax.env=team-a ",
+           b"stax.env = team-a", b"stax.env=team-a ;p", b"xstax.env=team-a", b"userId=1", b"k=stax.env",
+           b"a=b;c", b"", b" ", b"\t"]
+
+
+@settings(max_examples=300, derandomize=True)
+@given(st.lists(st.sampled_from(_PIECES), max_size=5).map(b",".join))
+def test_a_value_sent_as_received_has_the_members_the_rewrite_would_send(raw):
+    try:
+        env, others = bag(raw)
+    except StaxError:
+        return
+    p = Parsed(env, others, raw)
+    if p.at < 0:
+        return
+    assert p.name is not None and raw[p.at:p.end] == p.name.encode()
+    assert p.lines == context_lines(p.name, others)  # what a rewrite sends, for the other paths
+    assert _members(raw) == _members(others + b",stax.env=" + p.name.encode())
 
 
 def test_new_ids_are_lowercase_hex_nonzero_and_do_not_repeat():
