@@ -587,7 +587,7 @@ def _request_head(req: Request, client: ClientConnection) -> bytes:
         if lname in skip:
             continue
         out += (name, b": ", value, b"\r\n")  # joined once below: no bytes per line
-    # the context lines end in the traceparent's prefix; one extend each way: a tuple less
+    # one extend per branch (a tuple less); the context lines end in the traceparent's prefix
     hops = _HOPS_LINES[req.hops] if req.hops < 64 else b"\r\nx-stax-hops: %d\r\n" % req.hops
     parsed = req.parsed
     if parsed is not None and parsed.at >= 0:  # the baggage goes upstream as received
