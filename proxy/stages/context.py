@@ -89,8 +89,8 @@ def context_lines(env: str, others: bytes) -> bytes:
 
 
 class Parsed:
-    """One baggage header value, parsed: its stax.env (raw and checked), the other members and
-    the upstream context lines they make."""
+    """One baggage header value, parsed: its stax.env (raw and checked), where that name sits
+    in the value, the other members and the upstream context lines they make."""
 
     # in the order a request reads them: with 10,000 envs in rotation each is cold memory
     __slots__ = ("name", "at", "end", "serial", "service", "route", "lines", "env", "others")
