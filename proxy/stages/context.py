@@ -151,13 +151,14 @@ def make_context(*, max_hops: int, max_baggage_bytes: int, max_baggage_members: 
         values = req.h_baggage
         name = None
         if values is not None:
-            found = parsed_baggage.get(values[0]) if len(values) == 1 else None
+            one = values[0] if len(values) == 1 else None  # several: parsed per request
+            found = parsed_baggage.get(one) if one is not None else None
             if found is None:
                 env, others = parse_baggage(values, max_bytes=max_baggage_bytes,
                                             max_members=max_baggage_members)
-                found = Parsed(env, others, values[0] if len(values) == 1 else None)
-                if len(values) == 1:
-                    remember(parsed_baggage, values[0], found)
+                found = Parsed(env, others, one)
+                if one is not None:
+                    remember(parsed_baggage, one, found)
             # its raw stax.env is read only to compare: with 10,000 envs in rotation each entry
             # is cold, and every object touched costs a cache miss
             name = found.name
