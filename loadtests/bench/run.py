@@ -215,10 +215,10 @@ def scale_table(scale: dict) -> str:
     out = [f"graph scale (stax gateway, {scale['connections']} conns, small body; 10k graph: "
            f"{g['envs']} envs x {g['services']} services, {g['bytes'] / 1e6:.1f} MB; '3 envs': the "
            f"3-env graph's traffic mix, else requests rotate over every env of the graph)",
-           f"{'graph':>20}  {'req/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}  {'max ms':>7}  "
+           f"{'graph':>21}  {'req/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}  {'max ms':>7}  "
            f"{'CPU µs/req':>10}  {'RSS MB':>6}  errors  noise"]
     for name, v in s.items():
-        out.append(f"{name:>20}  {v['rps']:>8,.0f}  {v['p50_ms']:>7.2f}  {v['p99_ms']:>7.2f}  "
+        out.append(f"{name:>21}  {v['rps']:>8,.0f}  {v['p50_ms']:>7.2f}  {v['p99_ms']:>7.2f}  "
                    f"{v['max_ms']:>7.1f}  {v['cpu_us_per_req']:>10.1f}  {v['rss_peak_mb']:>6.0f}  "
                    f"{v['errors']:>6}  {v['foreign_cpu']:>5.0%}")
     applied = sum(r["applied"] for r in scale["reloads"])
@@ -228,11 +228,19 @@ def scale_table(scale: dict) -> str:
                f"{scale['throughput_ratio_10k_vs_3_same_traffic']:.2f}, CPU per request "
                f"{scale['cpu_ratio_10k_vs_3_same_traffic']:.2f}; traffic over all envs: throughput "
                f"{scale['throughput_ratio_10k_vs_3']:.2f}, CPU per request {scale['cpu_ratio_10k_vs_3']:.2f}")
-    out.append(f"p99 while reloading ÷ steady: {scale['p99_ratio_reloading_vs_steady']:.2f} "
+    if "throughput_ratio_10k_after_reloads_vs_3" in scale:
+        out.append(f"10k-env after reloads ÷ 3-env, traffic over all envs: throughput "
+                   f"{scale['throughput_ratio_10k_after_reloads_vs_3']:.2f}, CPU per request "
+                   f"{scale['cpu_ratio_10k_after_reloads_vs_3']:.2f} (a third gateway, reloaded "
+                   f"by the rewrites)")
+    out.append(f"p99 while reloading ÷ steady (the same gateway right after): "
+               f"{scale['p99_ratio_reloading_vs_steady']:.2f} "
                f"({applied} reloads applied of {writes} file rewrites)")
-    if scale.get("processes_10k"):
-        out.append("10k-env gateway's processes at the end, RSS (peak): " + ", ".join(
-            f"{p['role']} {p['rss_mb']:.0f} MB ({p['peak_mb']:.0f})" for p in scale["processes_10k"]))
+    for key, which in (("processes_10k", "10k-env gateway's"),
+                       ("processes_10k_reloaded", "reloaded 10k-env gateway's")):
+        if scale.get(key):
+            out.append(f"{which} processes at the end, RSS (peak): " + ", ".join(
+                f"{p['role']} {p['rss_mb']:.0f} MB ({p['peak_mb']:.0f})" for p in scale[key]))
     return "\n".join(out)
 
 

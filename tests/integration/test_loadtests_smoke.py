@@ -61,13 +61,19 @@ def test_bench_graph_scale_runs_every_traffic_shape(tmp_path):
           "--out", str(out)], timeout=120)
     scale = json.loads(out.read_text())["scale"]
     assert scale["graph"]["envs"] == 300
-    assert set(scale["summary"]) == {"3-env", "10k-env, 3 envs", "10k-env", "10k-env reloading"}
+    assert set(scale["summary"]) == {"3-env", "10k-env, 3 envs", "10k-env", "10k-env reloading",
+                                     "10k-env after reloads"}
     for row in scale["summary"].values():
         assert row["errors"] == 0 and row["rps"] > 0 and row["cpu_us_per_req"] > 0
     assert scale["throughput_ratio_10k_vs_3_same_traffic"] > 0 and scale["cpu_ratio_10k_vs_3"] > 0
+    assert scale["throughput_ratio_10k_after_reloads_vs_3"] > 0
+    # every rewrite (one a second: a 1 s cell makes about one) reloaded the third gateway
+    (reloads,) = scale["reloads"]
+    assert reloads["applied"] == reloads["writes"], reloads
     # a 300-env file is under the helper's 256 KiB: the proxy alone, its memory measured
-    (proc,) = scale["processes_10k"]
-    assert proc["role"] == "proxy" and 0 < proc["rss_mb"] <= proc["peak_mb"], proc
+    for key in ("processes_10k", "processes_10k_reloaded"):
+        (proc,) = scale[key]
+        assert proc["role"] == "proxy" and 0 < proc["rss_mb"] <= proc["peak_mb"], proc
 
 
 def test_scale_traffic_mix_matches_the_small_graph(tmp_path):
