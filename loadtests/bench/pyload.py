@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import time
 
 import httptools
@@ -42,12 +43,12 @@ class _Conn(asyncio.Protocol):
 async def _worker(spec: LoadSpec, requests: list[bytes], k: int, until: float, stats: dict) -> None:
     loop = asyncio.get_running_loop()
     transport, conn = await loop.create_connection(_Conn, "127.0.0.1", spec.port)
-    i = k
+    pick = random.Random(k).randrange  # a seeded random env per request, as the wrk script
     try:
         while time.monotonic() < until:
             conn.done = loop.create_future()
             t = time.perf_counter()
-            transport.write(requests[i % len(requests)])
+            transport.write(requests[pick(len(requests))])
             try:
                 await conn.done
             except ConnectionError:
@@ -55,7 +56,6 @@ async def _worker(spec: LoadSpec, requests: list[bytes], k: int, until: float, s
                 return
             stats["lat"].append(time.perf_counter() - t)
             stats["non2xx"] += not 200 <= conn.status < 300
-            i += 1
     finally:
         stats["bytes"] += conn.bytes
         transport.close()

@@ -129,7 +129,7 @@ def check_stream(name: str, port: int) -> list[str]:
 
 
 def wrk_script(port: int, connections: int, rate: float) -> str:
-    """The bench's Lua (Host: bench, baggage stax.env=ENV rotating over the three envs,
+    """The bench's Lua (Host: bench, baggage stax.env=ENV, one of the three envs at random,
     traceparent, the JSON summary) and, when `rate` > 0, a delay after each response so
     `connections` connections send about `rate` requests per second in all."""
     script = LoadSpec(port, "/small", envs=list(SMALL_ENVS)).lua()
