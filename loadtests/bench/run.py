@@ -214,7 +214,7 @@ def scale_table(scale: dict) -> str:
     g = scale["graph"]
     out = [f"graph scale (stax gateway, {scale['connections']} conns, small body; 10k graph: "
            f"{g['envs']} envs x {g['services']} services, {g['bytes'] / 1e6:.1f} MB; '3 envs': the "
-           f"3-env graph's traffic mix, else requests rotate over every env of the graph)",
+           f"3-env graph's traffic mix, else each request names a random env of the graph)",
            f"{'graph':>21}  {'req/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}  {'max ms':>7}  "
            f"{'CPU µs/req':>10}  {'RSS MB':>6}  errors  noise"]
     for name, v in s.items():
