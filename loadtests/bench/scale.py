@@ -1,6 +1,6 @@
 """Graph scale: stax gateway with a 3-env graph vs a 10,000-env x 50-service graph, driven two
-ways: with the same 3-env traffic (what the graph's size costs) and with requests rotating over
-every env of the graph (what 10,000 distinct request contexts cost on top: memory locality).
+ways: with the same 3-env traffic (what the graph's size costs) and with each request naming a
+random env of the graph (what 10,000 distinct request contexts cost on top: memory locality).
 Then, on a third gateway with the big graph, p99 while its file is rewritten every second (each
 rewrite moves one overlay, so each is a real reload), and its rotating traffic right after.
 
@@ -118,9 +118,12 @@ def _measure(tmp: Path, small_gw: Target, big_gw: Target, reload_gw: Target, big
     results["10k-env after reloads"] = []
     reloads = []
 
+    def load(gw: Target, spec: LoadSpec) -> dict:
+        return run_load(spec, connections=connections, duration=duration, pids=gw.pids(), tmp=tmp,
+                        python_load=python_load)
+
     def run(name: str, gw: Target, spec: LoadSpec, r: int) -> None:
-        res = run_load(spec, connections=connections, duration=duration, pids=gw.pids(), tmp=tmp,
-                       python_load=python_load)
+        res = load(gw, spec)
         results[name].append(res)
         log(f"  round {r + 1} {name}: {res['rps']:,.0f} req/s, p99 {res['p99_ms']:.2f} ms")
 
@@ -133,8 +136,7 @@ def _measure(tmp: Path, small_gw: Target, big_gw: Target, reload_gw: Target, big
         rewriter = Rewriter(reload_path, big)
         rewriter.start()
         try:
-            res = run_load(rotating, connections=connections, duration=duration,
-                           pids=reload_gw.pids(), tmp=tmp, python_load=python_load)
+            res = load(reload_gw, rotating)
         finally:
             rewriter.stopped.set()
             rewriter.join()
