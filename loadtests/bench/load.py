@@ -50,7 +50,11 @@ class LoadSpec:
     at random, from a fixed seed: not in turn, since real traffic does not come in the order the
     proxy first met each env, and in that order each env's objects sit next to the last one's
     in memory, where the prefetcher hides what reading them costs (loadtests/README.md, "After
-    reloads")."""
+    reloads").
+
+    With `users`, the traffic holds that many distinct baggage values: request value j names
+    `envs[j % len(envs)]` and `userId=u<j>`, as real traffic carries per-user members. A 3-env
+    graph driven so is as diverse as traffic spread over 10,000 envs (see scale.py)."""
 
     port: int
     path: str
@@ -58,28 +62,42 @@ class LoadSpec:
     env: str = "baseline"
     envs: list[str] = field(default_factory=list)
     traceparent: bool = True  # False: like a browser at the edge, the proxy starts each trace
+    users: int = 0
 
-    def headers(self, env: str) -> dict[str, str]:
-        out = {"Host": self.host, "baggage": f"stax.env={env},userId=bench"}
+    def headers(self, env: str, user: str = "bench") -> dict[str, str]:
+        out = {"Host": self.host, "baggage": f"stax.env={env},userId={user}"}
         if self.traceparent:
             out["traceparent"] = TRACEPARENT
         return out
+
+    def contexts(self) -> list[tuple[str, str]]:
+        """(env, userId) of each distinct request, as `lua()` builds them."""
+        envs = self.envs or [self.env]
+        if not self.users:
+            return [(e, "bench") for e in envs]
+        return [(envs[j % len(envs)], f"u{j}") for j in range(self.users)]
 
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}{self.path}"
 
     def lua(self) -> str:
-        if not self.envs:
+        if not self.envs and not self.users:
             sets = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in self.headers(self.env).items())
             return sets + _DONE_LUA
-        names = ",".join(f'"{e}"' for e in self.envs)
-        hdr = ', '.join(f'["{k}"] = "{v}"' for k, v in self.headers("ENV").items())
-        hdr = hdr.replace("stax.env=ENV", 'stax.env=" .. e .. "')
+        names = ",".join(f'"{e}"' for e in self.envs or [self.env])
+        hdr = ', '.join(f'["{k}"] = "{v}"' for k, v in self.headers("ENV", "USER").items())
+        hdr = hdr.replace("stax.env=ENV", 'stax.env=" .. e .. "').replace("userId=USER", 'userId=" .. u .. "')
+        # the requests of contexts(), in its order
         return f"""local envs = {{{names}}}
+local users = {self.users}
 local reqs = {{}}
 init = function(args)
   math.randomseed(7)
-  for j, e in ipairs(envs) do reqs[j] = wrk.format("GET", nil, {{{hdr}}}) end
+  for j = 1, (users > 0 and users or #envs) do
+    local e = envs[(j - 1) % #envs + 1]
+    local u = users > 0 and ("u" .. (j - 1)) or "bench"
+    reqs[j] = wrk.format("GET", nil, {{{hdr}}})
+  end
 end
 request = function()
   return reqs[math.random(#reqs)]

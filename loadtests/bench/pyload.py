@@ -62,10 +62,9 @@ async def _worker(spec: LoadSpec, requests: list[bytes], k: int, until: float, s
 
 
 async def run(spec: LoadSpec, connections: int, duration: float) -> dict:
-    envs = spec.envs or [spec.env]
     requests = []
-    for env in envs:
-        head = "".join(f"{k}: {v}\r\n" for k, v in spec.headers(env).items())
+    for env, user in spec.contexts():
+        head = "".join(f"{k}: {v}\r\n" for k, v in spec.headers(env, user).items())
         requests.append(f"GET {spec.path} HTTP/1.1\r\n{head}\r\n".encode())
     stats = {"lat": [], "errors": 0, "non2xx": 0, "bytes": 0}
     t0 = time.monotonic()

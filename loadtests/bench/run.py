@@ -209,12 +209,24 @@ def table(summary: list[dict], comparable: bool) -> str:
     return "\n".join(out)
 
 
+def scale_contexts_line(scale: dict) -> str:
+    return (f"3-env, 10k contexts ÷ 3-env (what {scale['graph']['envs']:,} distinct baggage values "
+            f"cost any graph): throughput {scale['throughput_ratio_3_contexts_vs_3']:.2f}, CPU per request "
+            f"{scale['cpu_ratio_3_contexts_vs_3']:.2f}\n"
+            f"as diverse on both graphs (the graph's own cost), 10k-env ÷ 3-env, 10k contexts: throughput "
+            f"{scale['throughput_ratio_10k_vs_3_contexts']:.2f}, CPU per request "
+            f"{scale['cpu_ratio_10k_vs_3_contexts']:.2f}; after reloads: throughput "
+            f"{scale['throughput_ratio_10k_after_reloads_vs_3_contexts']:.2f}, CPU per request "
+            f"{scale['cpu_ratio_10k_after_reloads_vs_3_contexts']:.2f}")
+
+
 def scale_table(scale: dict) -> str:
     s = scale["summary"]
     g = scale["graph"]
     out = [f"graph scale (stax gateway, {scale['connections']} conns, small body; 10k graph: "
            f"{g['envs']} envs x {g['services']} services, {g['bytes'] / 1e6:.1f} MB; '3 envs': the "
-           f"3-env graph's traffic mix, else each request names a random env of the graph)",
+           f"3-env graph's traffic mix; '10k contexts': its 3 envs with as many userIds as the big graph "
+           f"has envs; else each request names a random env of the graph)",
            f"{'graph':>21}  {'req/s':>8}  {'p50 ms':>7}  {'p99 ms':>7}  {'max ms':>7}  "
            f"{'CPU µs/req':>10}  {'RSS MB':>6}  errors  noise"]
     for name, v in s.items():
@@ -232,6 +244,7 @@ def scale_table(scale: dict) -> str:
                f"{scale['throughput_ratio_10k_after_reloads_vs_3']:.2f}, CPU per request "
                f"{scale['cpu_ratio_10k_after_reloads_vs_3']:.2f} (a third gateway, reloaded "
                f"by the rewrites)")
+    out.append(scale_contexts_line(scale))
     out.append(f"p99 while reloading ÷ steady (the same gateway right after): "
                f"{scale['p99_ratio_reloading_vs_steady']:.2f} "
                f"({applied} reloads applied of {writes} file rewrites)")

@@ -26,6 +26,10 @@ from ..common import SMALL_ENVS, big_graph, env_names, memory_kb, small_graph
 from .load import LoadSpec, run_load
 from .targets import Target, start_stax_gateway
 
+# The 3-env graph with as many distinct baggage values as the big graph has envs (per-user
+# members): what diverse traffic costs on any graph, so "10k-env" ÷ this is the graph's own cost.
+CONTEXTS = "3-env, 10k contexts"
+
 
 def three_envs(doc: dict) -> list[str]:
     """Three envs of a big_graph() with the resolution kinds SMALL_ENVS have in the 3-env graph:
@@ -110,6 +114,8 @@ def _measure(tmp: Path, small_gw: Target, big_gw: Target, reload_gw: Target, big
              python_load: bool, log) -> tuple:
     """Per round: the steady cells, then the reloading gateway under rewrites and right after."""
     specs = {"3-env": (small_gw, LoadSpec(small_gw.port, "/small", envs=SMALL_ENVS)),
+             CONTEXTS: (small_gw, LoadSpec(small_gw.port, "/small", envs=SMALL_ENVS,
+                                           users=len(big["envs"]))),
              "10k-env, 3 envs": (big_gw, LoadSpec(big_gw.port, "/small", envs=three_envs(big))),
              "10k-env": (big_gw, LoadSpec(big_gw.port, "/small", envs=env_names(big)))}
     rotating = LoadSpec(reload_gw.port, "/small", envs=env_names(big))
@@ -186,6 +192,14 @@ def run_scale(tmp: Path, upstream: int, *, rounds: int, duration: int, connectio
         "cpu_ratio_10k_vs_3": _paired(results, "10k-env", "3-env", "cpu_us_per_req"),
         "cpu_ratio_10k_vs_3_same_traffic": _paired(results, "10k-env, 3 envs", "3-env", "cpu_us_per_req"),
         "cpu_ratio_10k_after_reloads_vs_3": _paired(results, "10k-env after reloads", "3-env", "cpu_us_per_req"),
+        # the traffic's diversity on the 3-env graph, and the big graph against it: equal
+        # traffic, so what is left is the graph's cost
+        "throughput_ratio_3_contexts_vs_3": _paired(results, CONTEXTS, "3-env", "rps"),
+        "throughput_ratio_10k_vs_3_contexts": _paired(results, "10k-env", CONTEXTS, "rps"),
+        "throughput_ratio_10k_after_reloads_vs_3_contexts": _paired(results, "10k-env after reloads", CONTEXTS, "rps"),
+        "cpu_ratio_3_contexts_vs_3": _paired(results, CONTEXTS, "3-env", "cpu_us_per_req"),
+        "cpu_ratio_10k_vs_3_contexts": _paired(results, "10k-env", CONTEXTS, "cpu_us_per_req"),
+        "cpu_ratio_10k_after_reloads_vs_3_contexts": _paired(results, "10k-env after reloads", CONTEXTS, "cpu_us_per_req"),
         # the same gateway under rewrites and right after them: the reloads' own p99 cost
         "p99_ratio_reloading_vs_steady": _paired(results, "10k-env reloading", "10k-env after reloads", "p99_ms"),
     }

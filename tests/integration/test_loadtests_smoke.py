@@ -61,12 +61,14 @@ def test_bench_graph_scale_runs_every_traffic_shape(tmp_path):
           "--out", str(out)], timeout=120)
     scale = json.loads(out.read_text())["scale"]
     assert scale["graph"]["envs"] == 300
-    assert set(scale["summary"]) == {"3-env", "10k-env, 3 envs", "10k-env", "10k-env reloading",
-                                     "10k-env after reloads"}
+    assert set(scale["summary"]) == {"3-env", "3-env, 10k contexts", "10k-env, 3 envs", "10k-env",
+                                     "10k-env reloading", "10k-env after reloads"}
     for row in scale["summary"].values():
         assert row["errors"] == 0 and row["rps"] > 0 and row["cpu_us_per_req"] > 0
     assert scale["throughput_ratio_10k_vs_3_same_traffic"] > 0 and scale["cpu_ratio_10k_vs_3"] > 0
     assert scale["throughput_ratio_10k_after_reloads_vs_3"] > 0
+    assert scale["throughput_ratio_3_contexts_vs_3"] > 0 and scale["cpu_ratio_10k_vs_3_contexts"] > 0
+    assert scale["throughput_ratio_10k_after_reloads_vs_3_contexts"] > 0
     # every rewrite (one a second: a 1 s cell makes about one) reloaded the third gateway
     (reloads,) = scale["reloads"]
     assert reloads["applied"] == reloads["writes"], reloads
@@ -74,6 +76,48 @@ def test_bench_graph_scale_runs_every_traffic_shape(tmp_path):
     for key in ("processes_10k", "processes_10k_reloaded"):
         (proc,) = scale[key]
         assert proc["role"] == "proxy" and 0 < proc["rss_mb"] <= proc["peak_mb"], proc
+
+
+@pytest.mark.parametrize("python_load", [False, True], ids=["wrk", "pyload"])
+def test_load_generators_send_every_distinct_context(tmp_path, python_load):
+    """The `10k contexts` cell's traffic: both load generators send the spec's distinct
+    baggage values (env and userId), and no other."""
+    import http.server
+    import threading
+
+    from loadtests.bench.load import LoadSpec, have_wrk, run_load
+    from loadtests.common import SMALL_ENVS
+
+    if not python_load and not have_wrk():
+        pytest.skip("wrk not installed (the bench falls back to pyload, tested beside this)")
+    seen: set[str] = set()
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as both generators expect
+        disable_nagle_algorithm = True  # head and body go out in two writes
+
+        def do_GET(self):
+            seen.add(self.headers["baggage"])
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        spec = LoadSpec(server.server_address[1], "/small", envs=SMALL_ENVS, users=40)
+        res = run_load(spec, connections=4, duration=1, pids=[], tmp=tmp_path, python_load=python_load)
+    finally:
+        server.shutdown()
+        server.server_close()
+    expected = {f"stax.env={env},userId={user}" for env, user in spec.contexts()}
+    assert len(expected) == 40 and {e for e, _ in spec.contexts()} == set(SMALL_ENVS)
+    assert res["requests"] > 400 and res["non2xx"] == 0, res
+    assert seen == expected  # hundreds of requests at random over 40 values: every one is seen
 
 
 def test_scale_traffic_mix_matches_the_small_graph(tmp_path):
