@@ -242,7 +242,7 @@ def scale_table(scale: dict) -> str:
                f"{scale['throughput_ratio_10k_vs_3']:.2f}, CPU per request {scale['cpu_ratio_10k_vs_3']:.2f}")
     out.append(f"10k-env after reloads ÷ 3-env, traffic over all envs: throughput "
                f"{scale['throughput_ratio_10k_after_reloads_vs_3']:.2f}, CPU per request "
-               f"{scale['cpu_ratio_10k_after_reloads_vs_3']:.2f} (a third gateway, reloaded "
+               f"{scale['cpu_ratio_10k_after_reloads_vs_3']:.2f} (a gateway of its own, reloaded "
                f"by the rewrites)")
     out.append(scale_contexts_line(scale))
     out.append(f"p99 while reloading ÷ steady (the same gateway right after): "

@@ -1,7 +1,10 @@
 """Graph scale: stax gateway with a 3-env graph vs a 10,000-env x 50-service graph, driven two
 ways: with the same 3-env traffic (what the graph's size costs) and with each request naming a
 random env of the graph (what 10,000 distinct request contexts cost on top: memory locality).
-Then, on a third gateway with the big graph, p99 while its file is rewritten every second (each
+A 3-env graph driven by as many distinct baggage values (`3-env, 10k contexts`, per-user
+members) shows what that diversity costs any graph, apart from the graph's size (reported;
+the goal stays against the 3-env graph's 3 values).
+Then, on another gateway with the big graph, p99 while its file is rewritten every second (each
 rewrite moves one overlay, so each is a real reload), and its rotating traffic right after.
 
 The reloads run on their own gateway because they leave a lasting cost: rotating traffic on a
@@ -27,7 +30,7 @@ from .load import LoadSpec, run_load
 from .targets import Target, start_stax_gateway
 
 # The 3-env graph with as many distinct baggage values as the big graph has envs (per-user
-# members): what diverse traffic costs on any graph, so "10k-env" ÷ this is the graph's own cost.
+# members): what diverse traffic costs any graph; "10k-env" ÷ this is the graph's cost alone.
 CONTEXTS = "3-env, 10k contexts"
 
 
@@ -109,13 +112,13 @@ def summarize(rows: list[dict]) -> dict:
             "foreign_cpu": max(r["foreign_cpu"] or 0 for r in rows)}
 
 
-def _measure(tmp: Path, small_gw: Target, big_gw: Target, reload_gw: Target, big: dict,
-             reload_path: Path, *, rounds: int, duration: int, connections: int,
+def _measure(tmp: Path, small_gw: Target, contexts_gw: Target, big_gw: Target, reload_gw: Target,
+             big: dict, reload_path: Path, *, rounds: int, duration: int, connections: int,
              python_load: bool, log) -> tuple:
     """Per round: the steady cells, then the reloading gateway under rewrites and right after."""
     specs = {"3-env": (small_gw, LoadSpec(small_gw.port, "/small", envs=SMALL_ENVS)),
-             CONTEXTS: (small_gw, LoadSpec(small_gw.port, "/small", envs=SMALL_ENVS,
-                                           users=len(big["envs"]))),
+             CONTEXTS: (contexts_gw, LoadSpec(contexts_gw.port, "/small", envs=SMALL_ENVS,
+                                              users=len(big["envs"]))),
              "10k-env, 3 envs": (big_gw, LoadSpec(big_gw.port, "/small", envs=three_envs(big))),
              "10k-env": (big_gw, LoadSpec(big_gw.port, "/small", envs=env_names(big)))}
     rotating = LoadSpec(reload_gw.port, "/small", envs=env_names(big))
@@ -166,15 +169,17 @@ def run_scale(tmp: Path, upstream: int, *, rounds: int, duration: int, connectio
     _write(big_path, big)
     _write(reload_path, big)
     log(f"graph scale: {len(big['envs'])} envs x {services} services, "
-        f"{big_path.stat().st_size / 1e6:.1f} MB JSON; starting three gateways")
+        f"{big_path.stat().st_size / 1e6:.1f} MB JSON; starting four gateways")
     with contextlib.ExitStack() as cleanup:
         gateways = []
-        for path, name in ((small_path, "stax-gateway-3env"), (big_path, "stax-gateway-10k"),
-                           (reload_path, "stax-gateway-10k-reloading")):
+        # the diverse 3-env traffic has a gateway of its own: the 3-env cell's memos stay as
+        # they were before that cell existed, 3 values
+        for path, name in ((small_path, "stax-gateway-3env"), (small_path, "stax-gateway-3env-contexts"),
+                           (big_path, "stax-gateway-10k"), (reload_path, "stax-gateway-10k-reloading")):
             gateways.append(start_stax_gateway(tmp, path, name=name))
             cleanup.callback(gateways[-1].stop)
-        small_gw, big_gw, reload_gw = gateways
-        results, reloads = _measure(tmp, small_gw, big_gw, reload_gw, big, reload_path,
+        small_gw, contexts_gw, big_gw, reload_gw = gateways
+        results, reloads = _measure(tmp, small_gw, contexts_gw, big_gw, reload_gw, big, reload_path,
                                     rounds=rounds, duration=duration, connections=connections,
                                     python_load=python_load, log=log)
         processes = process_memory(big_gw.pids())

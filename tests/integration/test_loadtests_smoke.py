@@ -69,7 +69,7 @@ def test_bench_graph_scale_runs_every_traffic_shape(tmp_path):
     assert scale["throughput_ratio_10k_after_reloads_vs_3"] > 0
     assert scale["throughput_ratio_3_contexts_vs_3"] > 0 and scale["cpu_ratio_10k_vs_3_contexts"] > 0
     assert scale["throughput_ratio_10k_after_reloads_vs_3_contexts"] > 0
-    # every rewrite (one a second: a 1 s cell makes about one) reloaded the third gateway
+    # every rewrite (one a second: a 1 s cell makes about one) reloaded the reloading gateway
     (reloads,) = scale["reloads"]
     assert reloads["applied"] == reloads["writes"], reloads
     # a 300-env file is under the helper's 256 KiB: the proxy alone, its memory measured

@@ -88,26 +88,24 @@ def test_the_10k_goal_holds_the_gateway_after_reloads_to_the_same_bound():
     assert old[goal]["met"] and set(old[goal]["values"]) == {"same 3-env traffic", "traffic over all envs"}
 
 
-def test_the_10k_goal_compares_equally_diverse_traffic_and_reports_the_diversity_cost():
-    """With the `3-env, 10k contexts` cell measured, the big graph's cells are judged against
-    the 3-env graph driven by as many distinct baggage values: any one of them under 0.95 misses
-    the goal. Their ratios to the 3-env graph's 3 values are printed beside it, not gated."""
+def test_the_10k_goal_stays_on_the_3_fixed_values_and_reports_equal_diversity_beside_it():
+    """The `3-env, 10k contexts` cell does not change the verdict: the rotation is gated against
+    the 3-env graph's 3 values, as before that cell existed. Its ratios (what diversity costs
+    the 3-env graph, and the big graph against equally diverse traffic) are printed beside it."""
     summary = [row("stax-gateway", "small", 8)]
     scale = {"throughput_ratio_10k_vs_3_same_traffic": 0.99, "throughput_ratio_10k_vs_3": 0.94,
-             "throughput_ratio_10k_after_reloads_vs_3": 0.92, "throughput_ratio_3_contexts_vs_3": 0.96,
-             "throughput_ratio_10k_vs_3_contexts": 0.98, "throughput_ratio_10k_after_reloads_vs_3_contexts": 0.96,
+             "throughput_ratio_10k_after_reloads_vs_3": 0.96, "throughput_ratio_3_contexts_vs_3": 0.96,
+             "throughput_ratio_10k_vs_3_contexts": 0.98, "throughput_ratio_10k_after_reloads_vs_3_contexts": 1.0,
              "p99_ratio_reloading_vs_steady": 1.4}
     goal = "req/s, 10,000-env graph ÷ 3-env graph"
-    met = {g["goal"]: g for g in goals.evaluate(summary, scale)}[goal]
-    assert met["met"]
-    assert met["values"] == {"same 3-env traffic": 0.99, "traffic over all envs ÷ 3-env as diverse": 0.98,
-                             "after reloads ÷ 3-env as diverse": 0.96}
-    assert met["with_diversity"] == {"3-env graph, 10k contexts": 0.96, "traffic over all envs": 0.94,
-                                     "after reloads": 0.92}
-    text = goals.table([met])
-    assert "met      req/s, 10,000-env graph ÷ 3-env graph ≥ 0.95: same 3-env traffic 0.99" in text
-    assert "not gated, ÷ the 3-env graph's 3 baggage values (the traffic's diversity included): " \
-           "3-env graph, 10k contexts 0.96, traffic over all envs 0.94, after reloads 0.92" in text
-    missed = {g["goal"]: g for g in goals.evaluate(
-        summary, {**scale, "throughput_ratio_10k_after_reloads_vs_3_contexts": 0.94})}[goal]
-    assert not missed["met"]
+    verdict = {g["goal"]: g for g in goals.evaluate(summary, scale)}[goal]
+    assert not verdict["met"]  # the rotation, 0.94 against the 3 values; 0.98 as diverse does not count
+    assert verdict["values"] == {"same 3-env traffic": 0.99, "traffic over all envs": 0.94,
+                                 "traffic over all envs, after reloads": 0.96}
+    assert verdict["equal_diversity"] == {"3-env graph, 10k contexts ÷ 3 values": 0.96,
+                                          "traffic over all envs": 0.98, "after reloads": 1.0}
+    text = goals.table([verdict])
+    assert "NOT met  req/s, 10,000-env graph ÷ 3-env graph ≥ 0.95: same 3-env traffic 0.99, " \
+           "traffic over all envs 0.94" in text
+    assert "not gated, ÷ the 3-env graph with as many distinct baggage values: " \
+           "3-env graph, 10k contexts ÷ 3 values 0.96, traffic over all envs 0.98, after reloads 1.00" in text
