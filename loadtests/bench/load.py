@@ -71,7 +71,7 @@ class LoadSpec:
         return out
 
     def contexts(self) -> list[tuple[str, str]]:
-        """(env, userId) of each distinct request, as `lua()` builds them."""
+        """(env, userId) of each distinct request: what both load generators send."""
         envs = self.envs or [self.env]
         if not self.users:
             return [(e, "bench") for e in envs]
@@ -84,20 +84,14 @@ class LoadSpec:
         if not self.envs and not self.users:
             sets = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in self.headers(self.env).items())
             return sets + _DONE_LUA
-        names = ",".join(f'"{e}"' for e in self.envs or [self.env])
+        pairs = ",".join(f'{{"{e}","{u}"}}' for e, u in self.contexts())
         hdr = ', '.join(f'["{k}"] = "{v}"' for k, v in self.headers("ENV", "USER").items())
-        hdr = hdr.replace("stax.env=ENV", 'stax.env=" .. e .. "').replace("userId=USER", 'userId=" .. u .. "')
-        # the requests of contexts(), in its order
-        return f"""local envs = {{{names}}}
-local users = {self.users}
+        hdr = hdr.replace("stax.env=ENV", 'stax.env=" .. c[1] .. "').replace("userId=USER", 'userId=" .. c[2] .. "')
+        return f"""local contexts = {{{pairs}}}
 local reqs = {{}}
 init = function(args)
   math.randomseed(7)
-  for j = 1, (users > 0 and users or #envs) do
-    local e = envs[(j - 1) % #envs + 1]
-    local u = users > 0 and ("u" .. (j - 1)) or "bench"
-    reqs[j] = wrk.format("GET", nil, {{{hdr}}})
-  end
+  for j, c in ipairs(contexts) do reqs[j] = wrk.format("GET", nil, {{{hdr}}}) end
 end
 request = function()
   return reqs[math.random(#reqs)]

@@ -209,17 +209,6 @@ def table(summary: list[dict], comparable: bool) -> str:
     return "\n".join(out)
 
 
-def scale_contexts_line(scale: dict) -> str:
-    return (f"3-env, 10k contexts ÷ 3-env (what {scale['graph']['envs']:,} distinct baggage values "
-            f"cost any graph): throughput {scale['throughput_ratio_3_contexts_vs_3']:.2f}, CPU per request "
-            f"{scale['cpu_ratio_3_contexts_vs_3']:.2f}\n"
-            f"as diverse on both graphs (the graph's own cost), 10k-env ÷ 3-env, 10k contexts: throughput "
-            f"{scale['throughput_ratio_10k_vs_3_contexts']:.2f}, CPU per request "
-            f"{scale['cpu_ratio_10k_vs_3_contexts']:.2f}; after reloads: throughput "
-            f"{scale['throughput_ratio_10k_after_reloads_vs_3_contexts']:.2f}, CPU per request "
-            f"{scale['cpu_ratio_10k_after_reloads_vs_3_contexts']:.2f}")
-
-
 def scale_table(scale: dict) -> str:
     s = scale["summary"]
     g = scale["graph"]
@@ -244,7 +233,14 @@ def scale_table(scale: dict) -> str:
                f"{scale['throughput_ratio_10k_after_reloads_vs_3']:.2f}, CPU per request "
                f"{scale['cpu_ratio_10k_after_reloads_vs_3']:.2f} (a gateway of its own, reloaded "
                f"by the rewrites)")
-    out.append(scale_contexts_line(scale))
+    out.append(f"3-env, 10k contexts ÷ 3-env (what {g['envs']:,} distinct baggage values cost any "
+               f"graph): throughput {scale['throughput_ratio_3_contexts_vs_3']:.2f}, CPU per request "
+               f"{scale['cpu_ratio_3_contexts_vs_3']:.2f}")
+    out.append(f"as diverse on both graphs (the graph's own cost), 10k-env ÷ 3-env, 10k contexts: "
+               f"throughput {scale['throughput_ratio_10k_vs_3_contexts']:.2f}, CPU per request "
+               f"{scale['cpu_ratio_10k_vs_3_contexts']:.2f}; after reloads: throughput "
+               f"{scale['throughput_ratio_10k_after_reloads_vs_3_contexts']:.2f}, CPU per request "
+               f"{scale['cpu_ratio_10k_after_reloads_vs_3_contexts']:.2f}")
     out.append(f"p99 while reloading ÷ steady (the same gateway right after): "
                f"{scale['p99_ratio_reloading_vs_steady']:.2f} "
                f"({applied} reloads applied of {writes} file rewrites)")

@@ -33,6 +33,14 @@ from .targets import Target, start_stax_gateway
 # members): what diverse traffic costs any graph; "10k-env" ÷ this is the graph's cost alone.
 CONTEXTS = "3-env, 10k contexts"
 
+# JSON key suffix -> (cell, the cell it is divided by)
+RATIOS = {"10k_vs_3": ("10k-env", "3-env"),
+          "10k_vs_3_same_traffic": ("10k-env, 3 envs", "3-env"),
+          "10k_after_reloads_vs_3": ("10k-env after reloads", "3-env"),
+          "3_contexts_vs_3": (CONTEXTS, "3-env"),
+          "10k_vs_3_contexts": ("10k-env", CONTEXTS),
+          "10k_after_reloads_vs_3_contexts": ("10k-env after reloads", CONTEXTS)}
+
 
 def three_envs(doc: dict) -> list[str]:
     """Three envs of a big_graph() with the resolution kinds SMALL_ENVS have in the 3-env graph:
@@ -191,20 +199,12 @@ def run_scale(tmp: Path, upstream: int, *, rounds: int, duration: int, connectio
         "connections": connections, "duration_s": duration,
         "runs": results, "summary": summary, "reloads": reloads, "processes_10k": processes,
         "processes_10k_reloaded": reloaded,
-        "throughput_ratio_10k_vs_3": _paired(results, "10k-env", "3-env", "rps"),
-        "throughput_ratio_10k_vs_3_same_traffic": _paired(results, "10k-env, 3 envs", "3-env", "rps"),
-        "throughput_ratio_10k_after_reloads_vs_3": _paired(results, "10k-env after reloads", "3-env", "rps"),
-        "cpu_ratio_10k_vs_3": _paired(results, "10k-env", "3-env", "cpu_us_per_req"),
-        "cpu_ratio_10k_vs_3_same_traffic": _paired(results, "10k-env, 3 envs", "3-env", "cpu_us_per_req"),
-        "cpu_ratio_10k_after_reloads_vs_3": _paired(results, "10k-env after reloads", "3-env", "cpu_us_per_req"),
-        # the traffic's diversity on the 3-env graph, and the big graph against it: equal
-        # traffic, so what is left is the graph's cost
-        "throughput_ratio_3_contexts_vs_3": _paired(results, CONTEXTS, "3-env", "rps"),
-        "throughput_ratio_10k_vs_3_contexts": _paired(results, "10k-env", CONTEXTS, "rps"),
-        "throughput_ratio_10k_after_reloads_vs_3_contexts": _paired(results, "10k-env after reloads", CONTEXTS, "rps"),
-        "cpu_ratio_3_contexts_vs_3": _paired(results, CONTEXTS, "3-env", "cpu_us_per_req"),
-        "cpu_ratio_10k_vs_3_contexts": _paired(results, "10k-env", CONTEXTS, "cpu_us_per_req"),
-        "cpu_ratio_10k_after_reloads_vs_3_contexts": _paired(results, "10k-env after reloads", CONTEXTS, "cpu_us_per_req"),
+        # throughput_ratio_<x> and cpu_ratio_<x>, each cell's ÷ its reference, round by round.
+        # The `_contexts` ones: the traffic's diversity on the 3-env graph, and the big graph
+        # against equally diverse traffic (its cost alone)
+        **{f"{kind}_ratio_{suffix}": _paired(results, name, ref, key)
+           for suffix, (name, ref) in RATIOS.items()
+           for kind, key in (("throughput", "rps"), ("cpu", "cpu_us_per_req"))},
         # the same gateway under rewrites and right after them: the reloads' own p99 cost
         "p99_ratio_reloading_vs_steady": _paired(results, "10k-env reloading", "10k-env after reloads", "p99_ms"),
     }
