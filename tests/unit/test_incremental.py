@@ -171,3 +171,30 @@ def test_file_reload_tells_true_from_1():
     with pytest.raises(GraphInvalid, match="private must be true or false"):
         build_snapshot_from_bytes(orjson.dumps(new_doc), version_if_unset=2, source="t",
                                   previous=(old_doc, first))
+
+
+def test_reloads_carry_every_answer_into_the_memo_before_any_request():
+    """The answers of the envs a change did not touch are in the new snapshot's memo when it
+    is built (in the build thread), so the event loop resolves nothing again after a reload;
+    and they stay there over reloads that no request saw in between."""
+    doc = base_doc()
+    first = build_snapshot(doc, version=1, source="t")
+    answers(first)
+    served = {(env, svc): r for svc, envs in first.memo.items() for env, r in envs.items()}
+    snap, changes = first, [{"e2"}, {"e3"}, {"e9"}]
+    for version, changed in enumerate(changes, start=2):
+        new_doc = copy.deepcopy(doc)
+        for name in changed:
+            new_doc["envs"][name]["services"] = {"s4": {"endpoints": [f"v{version}:1"]}}
+        snap = build_snapshot(new_doc, version=version, source="t", reuse=snap,
+                              changed=frozenset(changed))
+        doc = new_doc
+    # e2, e3, e9 and the envs under e2 and e3 (e7 = parent e2, e8 = parent e3, ...)
+    touched = {"e2", "e3", "e9", "e7", "e12", "e17", "e22", "e27", "e8", "e13", "e18", "e23", "e28"}
+    carried = {(env, svc): r for svc, envs in snap.memo.items() for env, r in envs.items()}
+    assert set(carried) == {(env, svc) for env, svc in served if env not in touched}
+    for (env, svc), route in carried.items():  # this snapshot's Routes, the answers unchanged
+        old = served[env, svc]
+        assert route.version == 4 and route.header.endswith(b"@v4")
+        assert (route.kind, route.provider_env, route.endpoints) == (old.kind, old.provider_env, old.endpoints)
+    assert answers(snap) == answers(build_snapshot(doc, version=4, source="t"))
