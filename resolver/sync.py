@@ -79,6 +79,13 @@ class SnapshotCell:
         self.last_error = f"{source}: {exc}"
         log.warning("graph sync error from %s (serving v%s): %s", source, self.version, exc)
 
+    async def install(self, snapshot: Snapshot) -> None:
+        """Publish a snapshot built from the current one: its carried-over answers first, on
+        the loop in short slices (Snapshot.carry_steps)."""
+        for _ in snapshot.carry_steps():
+            await asyncio.sleep(0)
+        self.publish(snapshot)
+
     async def wait_for(self, version: int, timeout: float) -> bool:
         """Wait until the serving version is >= `version` (tests, demo)."""
         if self.version >= version:

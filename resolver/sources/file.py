@@ -121,13 +121,13 @@ class FileSource:
         except GraphInvalid as exc:
             self.cell.reject(f"file:{self.path}", exc)
             return
-        self._accept(doc, snap, digest)
+        await self._accept(doc, snap, digest)
         self._maybe_start_helper(len(data))
 
-    def _accept(self, doc: dict, snap: Snapshot, digest: bytes) -> None:
+    async def _accept(self, doc: dict, snap: Snapshot, digest: bytes) -> None:
         self._digest = digest
         self._previous = (doc, snap)
-        self.cell.publish(snap)
+        await self.cell.install(snap)
 
     async def _check_in_helper(self, previous: tuple) -> bool:
         """The change handled through the helper process (True), or left to a full decode
@@ -164,7 +164,7 @@ class FileSource:
         except GraphInvalid as exc:
             self.cell.reject(source, exc)
             return True
-        self._accept(doc, snap, digest)
+        await self._accept(doc, snap, digest)
         self.helper_deltas += 1
         self.helper_spliced += spliced
         return True

@@ -298,7 +298,7 @@ class RedisSource:
         self._need_full = False
         self._rejected = None
         self._end_regression()
-        self.cell.publish(snap)
+        await self.cell.install(snap)
         if self.cache_file:
             try:
                 await asyncio.to_thread(write_cache, self.cache_file,

@@ -109,6 +109,8 @@ def test_resolutions_carried_over_equal_fresh_ones(ops):
     answers(old)  # every route memoized, as a serving proxy would have them
     delta = diff_docs(old_doc, new_doc)
     new = build_snapshot(new_doc, version=2, source="t", reuse=old, changed=changed_envs([delta]))
+    for _ in new.carry_steps(step=7):
+        pass
     assert answers(new) == answers(build_snapshot(new_doc, version=2, source="t"))
     # carried or fresh, an answer is this snapshot's one Route for it
     seen: dict = {}
@@ -174,9 +176,9 @@ def test_file_reload_tells_true_from_1():
 
 
 def test_reloads_carry_every_answer_into_the_memo_before_any_request():
-    """The answers of the envs a change did not touch are in the new snapshot's memo when it
-    is built (in the build thread), so the event loop resolves nothing again after a reload;
-    and they stay there over reloads that no request saw in between."""
+    """The answers of the envs a change did not touch are in the new snapshot's memo once its
+    carry has run (the sources run it before publishing), so no request resolves them again
+    after a reload; and they stay there over reloads that no request saw in between."""
     doc = base_doc()
     first = build_snapshot(doc, version=1, source="t")
     answers(first)
@@ -188,6 +190,9 @@ def test_reloads_carry_every_answer_into_the_memo_before_any_request():
             new_doc["envs"][name]["services"] = {"s4": {"endpoints": [f"v{version}:1"]}}
         snap = build_snapshot(new_doc, version=version, source="t", reuse=snap,
                               changed=frozenset(changed))
+        assert not snap.memo  # nothing carried yet
+        steps = sum(1 for _ in snap.carry_steps(step=10))
+        assert steps >= 10  # in slices: over 100 answers, one pause every 10
         doc = new_doc
     # e2, e3, e9 and the envs under e2 and e3 (e7 = parent e2, e8 = parent e3, ...)
     touched = {"e2", "e3", "e9", "e7", "e12", "e17", "e22", "e27", "e8", "e13", "e18", "e23", "e28"}
@@ -198,3 +203,23 @@ def test_reloads_carry_every_answer_into_the_memo_before_any_request():
         assert route.version == 4 and route.header.endswith(b"@v4")
         assert (route.kind, route.provider_env, route.endpoints) == (old.kind, old.provider_env, old.endpoints)
     assert answers(snap) == answers(build_snapshot(doc, version=4, source="t"))
+
+
+def test_the_serving_snapshot_may_memoize_while_the_next_one_carries():
+    """The carry yields to the loop, which goes on serving (and memoizing) on the current
+    snapshot: answers it adds meanwhile, even of a service new to its memo, break nothing."""
+    doc = base_doc()
+    current = build_snapshot(doc, version=1, source="t")
+    for env in ("e5", "e6", "e10", "e11"):
+        current.resolve(env, "s1")
+    new_doc = copy.deepcopy(doc)
+    new_doc["envs"]["e0"]["services"] = {"s2": {"endpoints": ["moved:1"]}}
+    new = build_snapshot(new_doc, version=2, source="t", reuse=current, changed=frozenset({"e0"}))
+    steps = new.carry_steps(step=1)
+    next(steps)
+    for env in current.graph.envs:  # requests served on the current snapshot meanwhile
+        current.resolve(env, "s3")
+    rest = sum(1 for _ in steps)
+    assert rest == 3  # the 4 answers there were when it started: e0 changed, e5 and e10 under it
+    assert set(new.memo["s1"]) == {"e6", "e11"} and "s3" not in new.memo
+    assert answers(new) == answers(build_snapshot(new_doc, version=2, source="t"))
