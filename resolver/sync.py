@@ -51,6 +51,8 @@ class SnapshotCell:
         self.confirmed_at = time.time()
 
     def publish(self, snapshot: Snapshot) -> None:
+        for _ in snapshot.carry_steps():  # not installed: carried whole, the previous one let go
+            pass
         self.current = snapshot
         self.confirm()
         self.last_error = ""  # a newer graph landed: whatever failed before is behind it

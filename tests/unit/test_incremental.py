@@ -223,3 +223,27 @@ def test_the_serving_snapshot_may_memoize_while_the_next_one_carries():
     assert rest == 3  # the 4 answers there were when it started: e0 changed, e5 and e10 under it
     assert set(new.memo["s1"]) == {"e6", "e11"} and "s3" not in new.memo
     assert answers(new) == answers(build_snapshot(new_doc, version=2, source="t"))
+
+
+def test_a_snapshot_published_without_install_carries_whole_and_lets_the_previous_go():
+    """publish() (no slices) still carries the answers over, and no snapshot keeps the one
+    before it alive: a chain of reloads never becomes a chain of graphs in memory."""
+    import gc
+    import weakref
+
+    from resolver.sync import SnapshotCell
+
+    cell = SnapshotCell()
+    doc = base_doc()
+    first = build_snapshot(doc, version=1, source="t")
+    cell.publish(first)
+    answers(first)
+    new_doc = copy.deepcopy(doc)
+    new_doc["envs"]["e0"]["services"] = {"s2": {"endpoints": ["moved:1"]}}
+    second = build_snapshot(new_doc, version=2, source="t", reuse=first, changed=frozenset({"e0"}))
+    cell.publish(second)
+    assert second.memo["s1"]["e6"].version == 2 and "e5" not in second.memo["s1"]
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None
