@@ -207,21 +207,26 @@ def test_reloads_carry_every_answer_into_the_memo_before_any_request():
 
 def test_the_serving_snapshot_may_memoize_while_the_next_one_carries():
     """The carry yields to the loop, which goes on serving (and memoizing) on the current
-    snapshot: answers it adds meanwhile, even of a service new to its memo, break nothing."""
+    snapshot: answers it adds meanwhile, to a service being carried or to one new to its
+    memo, break nothing, and no answer under the changed env is carried."""
     doc = base_doc()
     current = build_snapshot(doc, version=1, source="t")
     for env in ("e5", "e6", "e10", "e11"):
         current.resolve(env, "s1")
+        current.resolve(env, "s2")
     new_doc = copy.deepcopy(doc)
     new_doc["envs"]["e0"]["services"] = {"s2": {"endpoints": ["moved:1"]}}
     new = build_snapshot(new_doc, version=2, source="t", reuse=current, changed=frozenset({"e0"}))
-    steps = new.carry_steps(step=1)
-    next(steps)
-    for env in current.graph.envs:  # requests served on the current snapshot meanwhile
-        current.resolve(env, "s3")
-    rest = sum(1 for _ in steps)
-    assert rest == 3  # the 4 answers there were when it started: e0 changed, e5 and e10 under it
-    assert set(new.memo["s1"]) == {"e6", "e11"} and "s3" not in new.memo
+    served = iter(current.graph.envs)
+    steps = 0
+    for _ in new.carry_steps(step=1):  # requests served on the current snapshot meanwhile
+        steps += 1
+        env = next(served, "e1")
+        current.resolve(env, "s2")
+        current.resolve(env, "s4" if steps % 2 else "s3")
+    assert steps >= 8  # a pause after every answer looked at (4 envs x 2 services)
+    assert set(new.memo["s1"]) == {"e6", "e11"}
+    assert not {"e0", "e5", "e10"} & {env for envs in new.memo.values() for env in envs}
     assert answers(new) == answers(build_snapshot(new_doc, version=2, source="t"))
 
 
