@@ -125,39 +125,36 @@ class Snapshot:
         change to the envs in `changed` only, an answer for an env whose chain holds none of
         them is still right, and becomes this snapshot's (its Route, with this version).
 
-        The sources run it on the event loop between building and publishing (sync.install).
-        Carried lazily, on each pair's first request, it cost the loop 6-8 µs a pair after a
-        reload of 10,000 envs (60-77 ms, a 10-25% dip in the first seconds of rotating
-        traffic); here it is ~0.5 µs a pair, in slices short enough for request p99, and the
-        memo's coverage carries over reloads no request saw in between. In the build thread
-        instead it held the GIL long enough to double request p99 during reloads."""
+        SnapshotCell.install publishes first and runs this behind, on the event loop, in
+        slices short enough for request p99; a request for a pair it has not reached yet is
+        carried on the spot (_resolve_slow). Carried only on first requests, a reload of
+        10,000 envs cost the loop 6-8 µs a pair (60-77 ms, a 10-25% dip in the first seconds
+        of rotating traffic); carried before publishing, it held a new graph back for seconds
+        on a saturated loop with a big memo; in the build thread it held the GIL long enough
+        to double request p99."""
         if self._carry_from is None:
             return
         previous, changed = self._carry_from
-        self._carry_from = None
-        chains = previous._chains
-        kept: dict[str, bool] = {}  # env -> its chain holds no changed env
-        mine: dict[int, Route] = {}  # id(previous's Route) -> this snapshot's
         done = 0
-        # copies: the previous snapshot serves (and memoizes) while this yields
+        # copies: the previous snapshot may still memoize (requests in flight) while this yields
         for service, envs in list(previous.memo.items()):
-            carried = self.memo.setdefault(service, {})
             for env, old in envs.copy().items():  # a copy, not 10,000 tuples for the collector
-                ok = kept.get(env)
-                if ok is None:
-                    chain = chains.get(env)
-                    ok = kept[env] = chain is not None and changed.isdisjoint(chain)
-                    if ok:
-                        self._chains[env] = chain  # type: ignore[assignment]
-                if ok:
-                    route = mine.get(id(old))
-                    if route is None:
-                        route = mine[id(old)] = shared_route(self._shared, service, old.kind, old.provider_env,
-                                                             old.endpoints, self.version, old.settings)
-                    carried[env] = route
+                mine = self.memo.get(service)
+                if mine is None or env not in mine:  # not yet carried by a request
+                    self._carry(env, service, old, previous, changed)
                 done += 1
                 if done % step == 0:
                     yield
+        self._carry_from = None  # the previous snapshot is let go
+
+    def _carry(self, env: str, service: str, old: Route, previous: Snapshot,
+               changed: frozenset) -> Route | None:
+        """`old`, previous's answer for (env, service), as this snapshot's, if still right."""
+        chain = previous._chains.get(env)
+        if chain is None or not changed.isdisjoint(chain):
+            return None
+        self._chains[env] = chain
+        return self._remember(env, service, old.kind, old.provider_env, old.endpoints, old.settings)
 
     # -- memoized slow path ------------------------------------------------------------------
     def chain(self, env: str) -> tuple[str, ...]:
@@ -181,6 +178,13 @@ class Snapshot:
         return explain_config(self.graph, self.chain(env))
 
     def _resolve_slow(self, env: str, service: str) -> Route:
+        if self._carry_from is not None:  # published, its carry not done (carry_steps)
+            previous, changed = self._carry_from
+            old = previous.memo.get(service, {}).get(env)
+            if old is not None:
+                route = self._carry(env, service, old, previous, changed)
+                if route is not None:
+                    return route
         graph = self.graph
         chain = self.chain(env)
         if service in graph.shared:

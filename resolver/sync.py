@@ -53,6 +53,16 @@ class SnapshotCell:
     def publish(self, snapshot: Snapshot) -> None:
         for _ in snapshot.carry_steps():  # not installed: carried whole, the previous one let go
             pass
+        self._serve(snapshot)
+
+    async def install(self, snapshot: Snapshot) -> None:
+        """Publish a snapshot built from the current one at once, then carry the answers it
+        keeps over behind it, on the loop in short slices (Snapshot.carry_steps)."""
+        self._serve(snapshot)
+        for _ in snapshot.carry_steps():
+            await asyncio.sleep(0)
+
+    def _serve(self, snapshot: Snapshot) -> None:
         self.current = snapshot
         self.confirm()
         self.last_error = ""  # a newer graph landed: whatever failed before is behind it
@@ -80,13 +90,6 @@ class SnapshotCell:
         self.sync_errors_total += 1
         self.last_error = f"{source}: {exc}"
         log.warning("graph sync error from %s (serving v%s): %s", source, self.version, exc)
-
-    async def install(self, snapshot: Snapshot) -> None:
-        """Publish a snapshot built from the current one: its carried-over answers first, on
-        the loop in short slices (Snapshot.carry_steps)."""
-        for _ in snapshot.carry_steps():
-            await asyncio.sleep(0)
-        self.publish(snapshot)
 
     async def wait_for(self, version: int, timeout: float) -> bool:
         """Wait until the serving version is >= `version` (tests, demo)."""

@@ -252,3 +252,38 @@ def test_a_snapshot_published_without_install_carries_whole_and_lets_the_previou
     del first
     gc.collect()
     assert gone() is None
+
+
+async def test_install_serves_the_new_snapshot_at_once_and_carries_behind_it():
+    """install() publishes first: a new graph is not held back by the carry (seconds with a
+    big memo on a saturated loop). A request for a pair the carry has not reached is carried
+    on the spot, not resolved again; when the carry is done the previous snapshot is let go."""
+    import asyncio
+    import gc
+    import weakref
+
+    from resolver.sync import SnapshotCell
+
+    cell = SnapshotCell()
+    doc = base_doc()
+    first = build_snapshot(doc, version=1, source="t")
+    cell.publish(first)
+    answers(first)
+    new_doc = copy.deepcopy(doc)
+    new_doc["envs"]["e0"]["services"] = {"s2": {"endpoints": ["moved:1"]}}
+    second = build_snapshot(new_doc, version=2, source="t", reuse=first, changed=frozenset({"e0"}))
+    installing = asyncio.ensure_future(cell.install(second))
+    await asyncio.sleep(0)
+    assert cell.current is second and not installing.done()
+    last_env = list(first.graph.envs)[-1]  # e29: the carry reaches it last
+    assert last_env not in second.memo.get("s4", {})
+    second.chain = lambda env: pytest.fail(f"{env} resolved again")  # type: ignore[method-assign]
+    route = second.resolve(last_env, "s4")  # carried: its chain is not walked
+    assert route.version == 2 and (route.kind, route.provider_env) == ("local", last_env)
+    del second.chain
+    await installing
+    gone = weakref.ref(first)
+    del first
+    gc.collect()
+    assert gone() is None
+    assert answers(second) == answers(build_snapshot(new_doc, version=2, source="t"))
