@@ -105,7 +105,7 @@ class Snapshot:
         self.memo: dict[str, dict[str, Route]] = {}
         self._shared: dict[tuple, Route] = {}  # see shared_route
         self._chains: dict[str, tuple[str, ...]] = {}
-        # the previous snapshot and the envs that changed since, until carry_steps() ran
+        # the previous snapshot and the envs that changed since, until carry_steps() is done
         self._carry_from = (previous, changed) if previous is not None and changed is not None else None
 
     def __repr__(self) -> str:
