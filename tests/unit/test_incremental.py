@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import gc
+import weakref
 
 import pytest
 from hypothesis import given, settings
@@ -10,7 +13,7 @@ from hypothesis import strategies as st
 
 from resolver.errors import GraphInvalid, StaxError
 from resolver.sources.delta import apply_delta, changed_envs, diff_docs
-from resolver.sync import build_snapshot
+from resolver.sync import SnapshotCell, build_snapshot
 from resolver.validate import parse_graph
 
 
@@ -230,14 +233,9 @@ def test_the_serving_snapshot_may_memoize_while_the_next_one_carries():
     assert answers(new) == answers(build_snapshot(new_doc, version=2, source="t"))
 
 
-def test_a_snapshot_published_without_install_carries_whole_and_lets_the_previous_go():
-    """publish() (no slices) still carries the answers over, and no snapshot keeps the one
-    before it alive: a chain of reloads never becomes a chain of graphs in memory."""
-    import gc
-    import weakref
-
-    from resolver.sync import SnapshotCell
-
+def published_and_reloaded():
+    """A cell serving a snapshot with every answer memoized, and the next snapshot built from
+    it after e0 changed (not yet published): (cell, first, second, the second's document)."""
     cell = SnapshotCell()
     doc = base_doc()
     first = build_snapshot(doc, version=1, source="t")
@@ -246,6 +244,13 @@ def test_a_snapshot_published_without_install_carries_whole_and_lets_the_previou
     new_doc = copy.deepcopy(doc)
     new_doc["envs"]["e0"]["services"] = {"s2": {"endpoints": ["moved:1"]}}
     second = build_snapshot(new_doc, version=2, source="t", reuse=first, changed=frozenset({"e0"}))
+    return cell, first, second, new_doc
+
+
+def test_a_snapshot_published_without_install_carries_whole_and_lets_the_previous_go():
+    """publish() (no slices) still carries the answers over, and no snapshot keeps the one
+    before it alive: a chain of reloads never becomes a chain of graphs in memory."""
+    cell, first, second, _ = published_and_reloaded()
     cell.publish(second)
     assert second.memo["s1"]["e6"].version == 2 and "e5" not in second.memo["s1"]
     gone = weakref.ref(first)
@@ -258,20 +263,7 @@ async def test_install_serves_the_new_snapshot_at_once_and_carries_behind_it():
     """install() publishes first: a new graph is not held back by the carry (seconds with a
     big memo on a saturated loop). A request for a pair the carry has not reached is carried
     on the spot, not resolved again; when the carry is done the previous snapshot is let go."""
-    import asyncio
-    import gc
-    import weakref
-
-    from resolver.sync import SnapshotCell
-
-    cell = SnapshotCell()
-    doc = base_doc()
-    first = build_snapshot(doc, version=1, source="t")
-    cell.publish(first)
-    answers(first)
-    new_doc = copy.deepcopy(doc)
-    new_doc["envs"]["e0"]["services"] = {"s2": {"endpoints": ["moved:1"]}}
-    second = build_snapshot(new_doc, version=2, source="t", reuse=first, changed=frozenset({"e0"}))
+    cell, first, second, new_doc = published_and_reloaded()
     installing = asyncio.ensure_future(cell.install(second))
     await asyncio.sleep(0)
     assert cell.current is second and not installing.done()
