@@ -138,9 +138,9 @@ class Snapshot:
         done = 0
         # copies: the previous snapshot may still memoize (requests in flight) while this yields
         for service, envs in list(previous.memo.items()):
+            mine = self.memo.setdefault(service, {})  # the dict _remember fills
             for env, old in envs.copy().items():  # a copy, not 10,000 tuples for the collector
-                mine = self.memo.get(service)
-                if mine is None or env not in mine:  # not yet carried by a request
+                if env not in mine:  # not yet carried by a request
                     self._carry(env, service, old, previous, changed)
                 done += 1
                 if done % step == 0:

@@ -7,10 +7,11 @@ the goal stays against the 3-env graph's 3 values).
 Then, on another gateway with the big graph, p99 while its file is rewritten every second (each
 rewrite moves one overlay, so each is a real reload), and its rotating traffic right after.
 
-The reloads run on their own gateway because they leave a lasting cost: rotating traffic on a
-gateway that has reloaded the big graph runs a few percent slower than before (see
-loadtests/README.md, "After reloads"). On the gateway of the steady cells that cost grew round by
-round, so their median depended on the number of rounds; apart, each cell measures one state."""
+The reloads run on their own gateway so that each cell measures one state: the steady cells a
+gateway that never reloaded, the after-reloads cell one that just did. When they shared one,
+the steady cells' median moved with the number of rounds (until 2026-12-04 a reload made the
+next seconds of rotating traffic pay for re-carrying every answer on first use; see
+loadtests/README.md, "Found: the first pass after a reload")."""
 
 from __future__ import annotations
 
