@@ -35,9 +35,8 @@ class Route:
     def __init__(self, service: str, kind: str, provider_env: str | None,
                  endpoints: tuple[Endpoint, ...], version: int, settings: RouteSettings) -> None:
         self.service, self.kind, self.provider_env = service, kind, provider_env
-        self.endpoints, self.version, self.settings = endpoints, version, settings
-        self.header = _header(service, kind, provider_env, version)  # x-stax-route entry
-        self.line = b"x-stax-route: " + self.header + b"\r\n"  # the response's, when alone
+        self.endpoints, self.settings = endpoints, settings
+        self._label(version)  # version, header (x-stax-route entry), line (the response's, when alone)
         self.timeout_s = _seconds(settings.timeout_ms)
         self.idle_timeout_s = _seconds(settings.idle_timeout_ms)
         self.retries = settings.retries
@@ -55,6 +54,24 @@ class Route:
 
     def __repr__(self) -> str:
         return f"<Route {self.header.decode()} endpoints={len(self.endpoints)}>"
+
+    def _label(self, version: int) -> None:
+        self.version = version
+        self.header = _header(self.service, self.kind, self.provider_env, version)
+        self.line = b"x-stax-route: " + self.header + b"\r\n"
+
+    def relabelled(self, version: int) -> Route:
+        """This answer, unchanged, as graph `version`'s (Snapshot._keep): a copy, so that a
+        request in flight on the previous graph still reports that graph's version. Its
+        round-robin cursor and the proxy's cells go on where this one's are."""
+        new = object.__new__(Route)
+        new.picks, new.rr, new.timeout_s, new.stats, new.budget = (
+            self.picks, self.rr, self.timeout_s, self.stats, self.budget)
+        new.service, new.kind, new.provider_env, new.endpoints, new.settings = (
+            self.service, self.kind, self.provider_env, self.endpoints, self.settings)
+        new.idle_timeout_s, new.retries = self.idle_timeout_s, self.retries
+        new._label(version)
+        return new
 
 
 _SECONDS: dict[float, float] = {}
@@ -123,7 +140,7 @@ class Snapshot:
     def carry_steps(self, step: int = 100):
         """Carry over the previous snapshot's answers, yielding every `step` of them: after a
         change to the envs in `changed` only, an answer for an env whose chain holds none of
-        them is still right, and becomes this snapshot's (its Route, with this version).
+        them is still right, and becomes this snapshot's (its Route, relabelled: _keep).
 
         SnapshotCell.install publishes first and runs this behind, on the event loop, in
         slices short enough for request p99; a request for a pair it has not reached yet is
@@ -154,7 +171,18 @@ class Snapshot:
         if chain is None or not changed.isdisjoint(chain):
             return None
         self._chains[env] = chain
-        return self._remember(env, service, old.kind, old.provider_env, old.endpoints, old.settings)
+        return self._keep(env, service, old)
+
+    def _keep(self, env: str, service: str, old: Route) -> Route:
+        """`old`, still right, as this snapshot's answer (Route.relabelled): a Route made
+        afresh started its round-robin at the first endpoint again, so a quiet service sent
+        every request to it while the graph changed elsewhere between its requests."""
+        key = (service, old.kind, old.provider_env, old.settings)
+        route = self._shared.get(key)
+        if route is None:  # else a fresh answer made it first: the same answer, use that one
+            route = self._shared[key] = old.relabelled(self.version)
+        self.memo.setdefault(service, {})[env] = route
+        return route
 
     # -- memoized slow path ------------------------------------------------------------------
     def chain(self, env: str) -> tuple[str, ...]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -268,6 +269,24 @@ async def test_graph_change_picked_up_by_running_gateway(gw):
     assert gw["rt"].cell.rejected_total == 1 and gw["rt"].cell.version == 2
     resp, _ = await get(gw, "/", Host="web", **{"x-stax-env": "team-a"})
     assert resp.status == 200
+
+
+async def test_round_robin_goes_on_across_reloads(gw):
+    """A change elsewhere in the graph keeps an answer's place in its endpoints: with one
+    request between reloads (a quiet service while a control plane moves a cutover along),
+    the requests still take turns, not all to the first endpoint."""
+    up = gw["up"]
+    doc = demo_graph(up)
+    doc["envs"]["baseline"]["services"]["web"] = {"endpoints": [up["web-base"].addr, up["web-f1"].addr]}
+    got = []
+    for version in range(2, 7):
+        doc["envs"]["feature-1"]["config"] = {"web.retries": version}  # not in team-a's chain
+        write_graph(gw["path"], doc)
+        assert await gw["rt"].cell.wait_for(version, 5)
+        resp, body = await get(gw, "/", Host="web", **{"x-stax-env": "team-a"})
+        assert resp.headers["x-stax-route"] == f"web=baseline:baseline@v{version}"
+        got.append(json.loads(body)["upstream"])
+    assert got == ["web-base", "web-f1"] * 2 + ["web-base"]  # v2 changed baseline: a new answer
 
 
 async def test_metric_deltas(gw):

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resolver.errors import GraphInvalid, StaxError
+from resolver.snapshot import Route
 from resolver.sources.delta import apply_delta, changed_envs, diff_docs
 from resolver.sync import SnapshotCell, build_snapshot
 from resolver.validate import parse_graph
@@ -180,12 +181,15 @@ def test_file_reload_tells_true_from_1():
 
 def test_reloads_carry_every_answer_into_the_memo_before_any_request():
     """The answers of the envs a change did not touch are in the new snapshot's memo once its
-    carry has run (the sources run it before publishing), so no request resolves them again
-    after a reload; and they stay there over reloads that no request saw in between."""
+    carry has run, so no request resolves them again after a reload; and they stay there over
+    reloads that no request saw in between: with the new version, their round-robin turn and
+    the proxy's cells where they were, and the previous Routes as they were (in flight)."""
     doc = base_doc()
     first = build_snapshot(doc, version=1, source="t")
     answers(first)
     served = {(env, svc): r for svc, envs in first.memo.items() for env, r in envs.items()}
+    for i, route in enumerate(served.values()):  # as a proxy leaves them: picks made, cells cached
+        route.rr, route.stats = i, ("cell", i)
     snap, changes = first, [{"e2"}, {"e3"}, {"e9"}]
     for version, changed in enumerate(changes, start=2):
         new_doc = copy.deepcopy(doc)
@@ -203,8 +207,11 @@ def test_reloads_carry_every_answer_into_the_memo_before_any_request():
     assert set(carried) == {(env, svc) for env, svc in served if env not in touched}
     for (env, svc), route in carried.items():  # this snapshot's Routes, the answers unchanged
         old = served[env, svc]
-        assert route.version == 4 and route.header.endswith(b"@v4")
-        assert (route.kind, route.provider_env, route.endpoints) == (old.kind, old.provider_env, old.endpoints)
+        assert route.version == 4 and route.line == b"x-stax-route: " + route.header + b"\r\n"
+        assert route.header.endswith(b"@v4") and old.header.endswith(b"@v1")  # in flight: as served
+        # the answer, its round-robin turn and the proxy's cells go on: every slot but the label
+        assert all(getattr(route, name) is getattr(old, name) for name in Route.__slots__
+                   if name not in ("version", "header", "line"))
     assert answers(snap) == answers(build_snapshot(doc, version=4, source="t"))
 
 
