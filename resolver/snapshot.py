@@ -40,14 +40,11 @@ class Route:
         self.timeout_s = _seconds(settings.timeout_ms)
         self.idle_timeout_s = _seconds(settings.idle_timeout_ms)
         self.retries = settings.retries
-        # Weighted round-robin as a flat sequence; the proxy's cursor (shared by the envs using
-        # this route: they call the same endpoints), metrics and budget cells live here too
-        # (mutable, but only ever touched by the proxy's one event loop).
-        if all(e.weight == 1 for e in endpoints):
-            self.picks = endpoints  # shared with the overlay
-        else:
-            picks = tuple(e for e in endpoints for _ in range(e.weight))
-            self.picks = picks if len(picks) <= 10000 else endpoints
+        # Weighted round-robin as one turn of picks (unweighted: the overlay's own tuple); the
+        # proxy's cursor (shared by the envs using this route: they call the same endpoints),
+        # metrics and budget cells live here too (mutable, but only ever touched by the
+        # proxy's one event loop).
+        self.picks = endpoints if all(e.weight == 1 for e in endpoints) else _spread(endpoints)
         self.rr = 0
         self.stats: Any = None  # the proxy's metric cells for this route
         self.budget: Any = None  # the proxy's retry-budget cell for this service
@@ -72,6 +69,20 @@ class Route:
         new.idle_timeout_s, new.retries = self.idle_timeout_s, self.retries
         new._label(version)
         return new
+
+
+def _spread(endpoints: tuple[Endpoint, ...], most: int = 10000) -> tuple[Endpoint, ...]:
+    """One turn of weighted round-robin: each endpoint `weight` times, spread over the turn as
+    evenly as the weights allow (3:1 gives a a c a, not a a a c), so that a few requests, from
+    wherever the cursor stands, already get near their shares. Weights beyond `most` in all
+    are scaled down (none of those above 0 to 0)."""
+    weights = [e.weight for e in endpoints]
+    total = sum(weights)
+    if total > most:
+        weights = [max(1, w * most // total) if w else 0 for w in weights]
+    # endpoint i's k-th pick falls at (k + 1/2) / weight of the turn; ties go in listed order
+    order = sorted(((k + 0.5) / w, i) for i, w in enumerate(weights) for k in range(w))
+    return tuple(endpoints[i] for _, i in order)
 
 
 _SECONDS: dict[float, float] = {}

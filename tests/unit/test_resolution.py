@@ -234,3 +234,22 @@ def test_resolution_equals_naive_walk(doc, data):
         else:
             r = s.resolve(env, service)
             assert (r.kind, r.provider_env) == expected
+
+
+def test_weighted_round_robin_spreads_each_turn():
+    """Each endpoint gets `weight` picks a turn, spread out: a few requests from wherever the
+    cursor stands get near their shares, and weight 0 gets none, however big the weights."""
+    def endpoints(*weights):
+        return {"endpoints": [{"address": f"{h}:1", "weight": w} for h, w in zip("acz"[:len(weights)], weights, strict=True)]}
+
+    doc = {"baseline": "b", "envs": {"b": {"services": {
+        "s": endpoints(3, 1), "t": endpoints(9, 1, 0), "big": endpoints(30000, 10000, 0)}}}}
+    snap = Snapshot(parse_graph(doc))
+
+    def turn(service: str) -> str:
+        return "".join(e.host for e in snap.resolve("b", service).picks)
+
+    assert turn("s") == "aaca"
+    assert turn("t") == "aaaaacaaaa"  # c halfway through, not after nine a's
+    big = turn("big")  # scaled down to 10,000 picks
+    assert len(big) == 10000 and big.count("c") == 2500 and "z" not in big
