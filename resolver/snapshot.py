@@ -58,7 +58,7 @@ class Route:
         self.line = b"x-stax-route: " + self.header + b"\r\n"
 
     def relabelled(self, version: int) -> Route:
-        """This answer, unchanged, as graph `version`'s (Snapshot._keep): a copy, so that a
+        """This answer, unchanged, as graph `version`'s (shared_route's `kept`): a copy, so that a
         request in flight on the previous graph still reports that graph's version. Its
         round-robin cursor and the proxy's cells go on where this one's are."""
         new = object.__new__(Route)
@@ -100,13 +100,18 @@ def _seconds(ms: float) -> float:
 
 
 def shared_route(table: dict, service: str, kind: str, provider: str | None,
-                 endpoints: tuple[Endpoint, ...], version: int, settings: RouteSettings) -> Route:
+                 endpoints: tuple[Endpoint, ...], version: int, settings: RouteSettings,
+                 kept: Route | None = None) -> Route:
     """The one Route of `table` (a snapshot's) for this answer, made on first use: every env
-    that resolves alike shares it."""
+    that resolves alike shares it. `kept`: the previous snapshot's Route for this answer, which
+    a reload carries over relabelled (its round-robin turn and the proxy's cells go on: made
+    afresh, a quiet service sent every request to its first endpoint while the graph changed
+    elsewhere between its requests)."""
     key = (service, kind, provider, settings)
     route = table.get(key)
     if route is None:
-        route = table[key] = Route(service, kind, provider, endpoints, version, settings)
+        route = table[key] = (Route(service, kind, provider, endpoints, version, settings)
+                              if kept is None else kept.relabelled(version))
     return route
 
 
@@ -151,7 +156,7 @@ class Snapshot:
     def carry_steps(self, step: int = 100):
         """Carry over the previous snapshot's answers, yielding every `step` of them: after a
         change to the envs in `changed` only, an answer for an env whose chain holds none of
-        them is still right, and becomes this snapshot's (its Route, relabelled: _keep).
+        them is still right, and becomes this snapshot's (its Route, relabelled: shared_route).
 
         SnapshotCell.install publishes first and runs this behind, on the event loop, in
         slices short enough for request p99; a request for a pair it has not reached yet is
@@ -182,18 +187,8 @@ class Snapshot:
         if chain is None or not changed.isdisjoint(chain):
             return None
         self._chains[env] = chain
-        return self._keep(env, service, old)
-
-    def _keep(self, env: str, service: str, old: Route) -> Route:
-        """`old`, still right, as this snapshot's answer (Route.relabelled): a Route made
-        afresh started its round-robin at the first endpoint again, so a quiet service sent
-        every request to it while the graph changed elsewhere between its requests."""
-        key = (service, old.kind, old.provider_env, old.settings)
-        route = self._shared.get(key)
-        if route is None:  # else a fresh answer made it first: the same answer, use that one
-            route = self._shared[key] = old.relabelled(self.version)
-        self.memo.setdefault(service, {})[env] = route
-        return route
+        return self._remember(env, service, old.kind, old.provider_env, old.endpoints,
+                              old.settings, kept=old)
 
     # -- memoized slow path ------------------------------------------------------------------
     def chain(self, env: str) -> tuple[str, ...]:
@@ -245,8 +240,10 @@ class Snapshot:
                               route_settings(graph, chain, service))
 
     def _remember(self, env: str, service: str, kind: str, provider: str | None,
-                  endpoints: tuple[Endpoint, ...], settings: RouteSettings) -> Route:
-        route = shared_route(self._shared, service, kind, provider, endpoints, self.version, settings)
+                  endpoints: tuple[Endpoint, ...], settings: RouteSettings,
+                  kept: Route | None = None) -> Route:
+        route = shared_route(self._shared, service, kind, provider, endpoints, self.version,
+                             settings, kept)
         self.memo.setdefault(service, {})[env] = route
         return route
 
