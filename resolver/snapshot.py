@@ -8,6 +8,7 @@ snapshot therefore costs only validation, even for 10,000 envs.
 from __future__ import annotations
 
 import itertools
+import random
 import time
 from typing import Any
 
@@ -45,7 +46,10 @@ class Route:
         # metrics and budget cells live here too (mutable, but only ever touched by the
         # proxy's one event loop).
         self.picks = endpoints if all(e.weight == 1 for e in endpoints) else _spread(endpoints)
-        self.rr = 0
+        # a fresh answer starts its turn at a random pick, as Envoy's and gRPC's do: every proxy
+        # meets a graph change with the same fresh answers, and started at the first pick they
+        # would all send their next requests to the same endpoint
+        self.rr = random.randrange(len(self.picks)) if len(self.picks) > 1 else 0
         self.stats: Any = None  # the proxy's metric cells for this route
         self.budget: Any = None  # the proxy's retry-budget cell for this service
 

@@ -253,3 +253,17 @@ def test_weighted_round_robin_spreads_each_turn():
     assert turn("t") == "aaaaacaaaa"  # c halfway through, not after nine a's
     big = turn("big")  # scaled down to 10,000 picks
     assert len(big) == 10000 and big.count("c") == 2500 and "z" not in big
+
+
+def test_a_fresh_answer_starts_its_turn_at_a_random_pick():
+    """Every proxy meets a graph change with the same fresh answers. Started at the first pick,
+    all of them would send their next requests to the same endpoint (grpc-java #4462 measured
+    3-4x the load on some nodes during deployments); each starts anywhere in its turn."""
+    graph = parse_graph({"baseline": "b", "envs": {"b": {"services": {
+        "s": {"endpoints": ["a:1", "c:1", "d:1", "e:1"]},
+        "w": {"endpoints": [{"address": "a:1", "weight": 3}, {"address": "c:1", "weight": 1}]},
+        "one": {"endpoints": ["a:1"]}}}}})
+    fresh = [Snapshot(graph) for _ in range(200)]  # as many proxies, or reloads that change s
+    assert {snap.resolve("b", "s").rr for snap in fresh} == {0, 1, 2, 3}  # missing one: p < 1e-24
+    assert {snap.resolve("b", "w").rr for snap in fresh} == {0, 1, 2, 3}  # anywhere in a a c a
+    assert {snap.resolve("b", "one").rr for snap in fresh} == {0}
