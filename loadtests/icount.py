@@ -15,6 +15,7 @@ only the in-process time per request (best of 5), which is as noisy as the machi
     python -m loadtests.icount --functions 20     # bytecodes and calls per request, by function
     python -m loadtests.icount --rotate 10000     # the bench's 10,000-env graph, each request
                                                   # naming the next of its envs (see below)
+    python -m loadtests.icount --rotate 10000 --reloads 25   # the same after 25 graph changes
     STAX_PURE=1 python -m loadtests.icount        # the sources interpreted, not the compiled path
 
 --functions counts the bytecodes of the sources: with the request path compiled, it runs itself
@@ -26,6 +27,10 @@ rotate over all its envs, as the bench's `10k-env` cell does. Its instructions p
 those of three envs; what it shows is memory: run it under cachegrind with a last-level cache
 of the size of a core's L2 to count the misses per request of data no recent request touched
 (loadtests/README.md, "Rotating over 10,000 envs").
+--reloads K (with --rotate) first makes K graph changes as the bench's rewriter does, each
+published as the file source publishes one (its answers carried over), with rotating requests
+between them: what a reload leaves the requests after it (loadtests/README.md, "Checked: what
+else a reload leaves behind").
 
 Tracing with an exporter is measured by the bench (`--targets stax-gateway-otlp,...`).
 """
@@ -117,12 +122,13 @@ def floor_pair() -> tuple:
     client.transport = client_t  # not connection_made: that would dial the upstream
     client.upstream = Upstream(client)
     client.upstream.connection_made(upstream_t)
-    return client, client.upstream, client_t, upstream_t, LoopRound()
+    return client, client.upstream, client_t, upstream_t, LoopRound(), None
 
 
 def stax_pair(mode: str, doc: dict) -> tuple:
     """stax's client and upstream protocols, the stages and metrics of `mode` on the graph
-    `doc`, wired to in-memory transports, the upstream connection idle in the pool."""
+    `doc`, wired to in-memory transports, the upstream connection idle in the pool; and the
+    Runtime (its snapshot cell: --reloads)."""
     from proxy.config import ProxyConfig
     from proxy.gateway import build_gateway
     from proxy.runtime import Runtime
@@ -149,14 +155,16 @@ def stax_pair(mode: str, doc: dict) -> tuple:
     rt.pool.active += 1
     rt.pool.release(upstream)  # now idle in the pool, where the first request finds it
     loop_round = listener.forwarder.outbox.loop = LoopRound()
-    return client, upstream, client_t, upstream_t, loop_round
+    return client, upstream, client_t, upstream_t, loop_round, rt
 
 
-def warmed(mode: str, rotate: int = 0):
+def warmed(mode: str, rotate: int = 0, reloads: int = 0):
     """One request through the pair of `mode`, as a function, after 2,000 of them (with
-    `rotate`, on the `rotate`-env graph, each request naming the next env, after two rounds)."""
+    `rotate`, on the `rotate`-env graph, each request naming the next env, after two rounds;
+    with `reloads`, that many graph changes as the bench's rewriter makes, half a round of
+    requests after each and two rounds more)."""
     doc = big_graph(UPSTREAM, envs=rotate) if rotate else small_graph(UPSTREAM)
-    client, upstream, client_t, upstream_t, loop_round = floor_pair() if mode == "floor" else stax_pair(mode, doc)
+    client, upstream, client_t, upstream_t, loop_round, rt = floor_pair() if mode == "floor" else stax_pair(mode, doc)
     heads = [REQUEST.replace(b"stax.env=baseline", b"stax.env=" + env.encode()) for env in env_names(doc)] if rotate else [REQUEST]
     turn = [0]
 
@@ -177,6 +185,12 @@ def warmed(mode: str, rotate: int = 0):
 
     for _ in range(max(2000, 2 * len(heads))):  # warm: memoized routes and context, specialised bytecode
         one()
+    if reloads:
+        reload(rt.cell, doc, reloads, lambda: [one() for _ in range(len(heads) // 2)])
+        if rt.cell.version != 1 + reloads:
+            raise SystemExit(f"the graph is at v{rt.cell.version} after {reloads} reloads, not v{1 + reloads}")
+        for _ in range(2 * len(heads)):
+            one()
     # Freeze what exists, as the proxy does on each graph publish: a collection walking it
     # during the counted requests (rare in production) would land in one run's count only.
     gc.collect()
@@ -190,8 +204,23 @@ def warmed(mode: str, rotate: int = 0):
     return one
 
 
-async def drive(mode: str, requests: int, timed: bool, rotate: int = 0) -> float | None:
-    one = warmed(mode, rotate)
+def reload(cell, doc: dict, times: int, between) -> None:
+    """`times` changes of `doc` (a big_graph), each moving one overlay of a team env (as the
+    bench's Rewriter), published as the file source does: the snapshot built from the
+    previous one with the changed env named, its answers carried over. `between()` after each."""
+    from resolver.sync import build_snapshot_from_doc
+
+    overlay = doc["envs"]["team-001"]["services"]
+    service = next(s for s in overlay if s != "bench")
+    for n in range(1, times + 1):
+        overlay[service] = {"endpoints": [f"10.254.{n // 250 % 250}.{n % 250 + 1}:8080"]}
+        cell.publish(build_snapshot_from_doc(doc, version_if_unset=cell.version + 1, source="icount",
+                                             previous=(doc, cell.current), changed=frozenset({"team-001"})))
+        between()
+
+
+async def drive(mode: str, requests: int, timed: bool, rotate: int = 0, reloads: int = 0) -> float | None:
+    one = warmed(mode, rotate, reloads)
     best = None
     if timed:
         for _ in range(5):
@@ -242,7 +271,7 @@ async def bytecodes(mode: str, requests: int) -> dict:
 def _valgrind(args, requests: int, tool: list[str], counter: str) -> int:
     """Run the driver for `requests` requests under valgrind `tool`; the count `counter` matched."""
     cmd = ["valgrind", *tool, sys.executable, "-m", "loadtests.icount", "--inner", "--requests",
-           str(requests), "--mode", args.mode, "--rotate", str(args.rotate)]
+           str(requests), "--mode", args.mode, "--rotate", str(args.rotate), "--reloads", str(args.reloads)]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent,
                          env={**os.environ, "PYTHONHASHSEED": "0"})  # same hashes, same probes
     found = re.search(counter, out.stderr)
@@ -290,13 +319,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="instead: L1 data misses per request at simulated L1 sizes (needs valgrind)")
     ap.add_argument("--rotate", type=int, metavar="N", default=0,
                     help="the bench's N-env graph, each request naming the next of its envs (gateway, sidecar)")
+    ap.add_argument("--reloads", type=int, metavar="K", default=0,
+                    help="with --rotate: count after K graph changes (one overlay moved each), as the bench's after-reloads cell")
     ap.add_argument("--inner", action="store_true",
                     help="only drive the requests (the run under valgrind; for a valgrind tool of your own)")
     args = ap.parse_args(argv)
     if args.rotate and (args.mode == "floor" or args.functions):
         raise SystemExit("--rotate drives stax (gateway or sidecar) and counts instructions or misses")
+    if args.reloads and not args.rotate:
+        raise SystemExit("--reloads changes the graph of --rotate N (the bench's big graph)")
     if args.inner:
-        uvloop.run(drive(args.mode, args.requests, timed=False, rotate=args.rotate))
+        uvloop.run(drive(args.mode, args.requests, timed=False, rotate=args.rotate, reloads=args.reloads))
         return 0
     if args.functions:
         if compiled():  # compiled code runs no bytecodes: count those of its sources, interpreted
@@ -324,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         for kib, m in curve.items():
             print(f"  L1 {kib:4d} KiB: {m:8,.0f}")
         return 0
-    us = uvloop.run(drive(args.mode, args.requests, timed=True, rotate=args.rotate))
+    us = uvloop.run(drive(args.mode, args.requests, timed=True, rotate=args.rotate, reloads=args.reloads))
     result = {"mode": args.mode, "requests": args.requests, "compiled": compiled(), "rotate": args.rotate,
+              "reloads": args.reloads,
               "us_per_request_in_process": us, "instructions_per_request": None}
     if shutil.which("valgrind"):
         base = callgrind_total(args, 0)
@@ -337,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         f"stax {args.mode} ({'compiled' if result['compiled'] else 'interpreted'})")
     if args.rotate:
         what += f", rotating over {args.rotate:,} envs"
+    if args.reloads:
+        what += f" after {args.reloads} reloads"
     print(f"{what}: {us:.2f} µs per request in-process (best of 5 x {args.requests:,}; as noisy as the machine)")
     if result["instructions_per_request"] is None:
         print("valgrind is not installed (apt-get install valgrind): no instruction count")

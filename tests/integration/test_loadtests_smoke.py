@@ -165,13 +165,14 @@ def test_icount_drives_the_real_request_path():
 
 
 def test_icount_rotates_over_the_envs_of_a_big_graph():
-    """--rotate drives the bench's big graph with each request naming the next env: the run
-    exits non-zero unless the last request reached the upstream carrying its own env."""
-    proc = subprocess.run([sys.executable, "-m", "loadtests.icount", "--rotate", "300", "--requests", "301",
-                           "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    """--rotate drives the bench's big graph with each request naming the next env, here after
+    --reloads 3 graph changes: the run exits non-zero unless the graph reached v4 and the last
+    request reached the upstream carrying its own env."""
+    proc = subprocess.run([sys.executable, "-m", "loadtests.icount", "--rotate", "300", "--reloads", "3",
+                           "--requests", "301", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(proc.stdout)
-    assert result["rotate"] == 300 and result["us_per_request_in_process"] > 0
+    assert (result["rotate"], result["reloads"]) == (300, 3) and result["us_per_request_in_process"] > 0
 
 
 def test_icount_profiles_bytecodes_by_function():
