@@ -212,6 +212,15 @@ def big_graph(upstream: str, *, envs: int = 10_000, services: int = 50, teams: i
             "envs": doc_envs}
 
 
+def move_overlay(doc: dict, n: int) -> frozenset:
+    """The bench's graph change, the n-th: one overlay of `team-001` (a team env of big_graph;
+    not `bench`) moved to a new endpoint, in place. The envs it changed."""
+    overlay = doc["envs"]["team-001"]["services"]
+    service = next(s for s in overlay if s != "bench")
+    overlay[service] = {"endpoints": [f"10.254.{n // 250 % 250}.{n % 250 + 1}:8080"]}
+    return frozenset({"team-001"})
+
+
 def env_names(doc: dict) -> list[str]:
     return list(doc["envs"])
 

@@ -55,7 +55,7 @@ import uvloop
 from proxy import compiled
 
 from .bench.load import TRACEPARENT
-from .common import big_graph, env_names, small_graph
+from .common import big_graph, env_names, move_overlay, small_graph
 
 UPSTREAM = "127.0.0.1:8000"  # never dialled: the driver hands the pool a connected fake
 REQUEST = (b"GET /small HTTP/1.1\r\nHost: bench\r\nbaggage: stax.env=baseline,userId=bench\r\n"
@@ -205,17 +205,15 @@ def warmed(mode: str, rotate: int = 0, reloads: int = 0):
 
 
 def reload(cell, doc: dict, times: int, between) -> None:
-    """`times` changes of `doc` (a big_graph), each moving one overlay of a team env (as the
-    bench's Rewriter), published as the file source does: the snapshot built from the
-    previous one with the changed env named, its answers carried over. `between()` after each."""
+    """`times` changes of `doc` (a big_graph), the bench's Rewriter's (move_overlay), each
+    published as the file source does: the snapshot built from the previous one with the
+    changed env named, its answers carried over. `between()` after each."""
     from resolver.sync import build_snapshot_from_doc
 
-    overlay = doc["envs"]["team-001"]["services"]
-    service = next(s for s in overlay if s != "bench")
     for n in range(1, times + 1):
-        overlay[service] = {"endpoints": [f"10.254.{n // 250 % 250}.{n % 250 + 1}:8080"]}
+        changed = move_overlay(doc, n)
         cell.publish(build_snapshot_from_doc(doc, version_if_unset=cell.version + 1, source="icount",
-                                             previous=(doc, cell.current), changed=frozenset({"team-001"})))
+                                             previous=(doc, cell.current), changed=changed))
         between()
 
 

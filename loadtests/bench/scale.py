@@ -26,7 +26,7 @@ from pathlib import Path
 
 import orjson
 
-from ..common import SMALL_ENVS, big_graph, env_names, memory_kb, small_graph
+from ..common import SMALL_ENVS, big_graph, env_names, memory_kb, move_overlay, small_graph
 from .load import LoadSpec, run_load
 from .targets import Target, start_stax_gateway
 
@@ -76,11 +76,9 @@ class Rewriter(threading.Thread):
         self.writes = 0
 
     def run(self) -> None:
-        overlay = self.doc["envs"]["team-001"]["services"]
-        service = next(s for s in overlay if s != "bench")
         while not self.stopped.wait(self.every):
             self.writes += 1
-            overlay[service] = {"endpoints": [f"10.254.{self.writes // 250 % 250}.{self.writes % 250 + 1}:8080"]}
+            move_overlay(self.doc, self.writes)
             _write(self.path, self.doc)
 
 
