@@ -45,11 +45,11 @@ class Route:
         # proxy's cursor (shared by the envs using this route: they call the same endpoints),
         # metrics and budget cells live here too (mutable, but only ever touched by the
         # proxy's one event loop).
-        self.picks = endpoints if all(e.weight == 1 for e in endpoints) else _spread(endpoints)
+        picks = self.picks = endpoints if all(e.weight == 1 for e in endpoints) else _spread(endpoints)
         # a fresh answer starts its turn at a random pick, as Envoy's and gRPC's do: every proxy
         # meets a graph change with the same fresh answers, and started at the first pick they
         # would all send their next requests to the same endpoint
-        self.rr = random.randrange(len(self.picks)) if len(self.picks) > 1 else 0
+        self.rr = random.randrange(len(picks)) if len(picks) > 1 else 0
         self.stats: Any = None  # the proxy's metric cells for this route
         self.budget: Any = None  # the proxy's retry-budget cell for this service
 
@@ -218,7 +218,8 @@ class Snapshot:
     def _resolve_slow(self, env: str, service: str) -> Route:
         if self._carry_from is not None:  # published, its carry not done (carry_steps)
             previous, changed = self._carry_from
-            old = previous.memo.get(service, {}).get(env)
+            envs = previous.memo.get(service)
+            old = envs.get(env) if envs is not None else None
             if old is not None:
                 route = self._carry(env, service, old, previous, changed)
                 if route is not None:
