@@ -120,17 +120,23 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the processes (all their threads), from /proc/PID/stat."""
-    total = 0
+def cpu_times(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) of the processes (all their threads), in seconds, from /proc/PID/stat."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of stat(5)
-    return total / CLK_TCK
+        user += int(fields[11])  # fields 14 and 15 of stat(5)
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes (all their threads)."""
+    return sum(cpu_times(pids))
 
 
 def core_busy_seconds(core: int) -> float:

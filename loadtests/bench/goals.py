@@ -23,6 +23,16 @@ def _floor(summary: list[dict], key: str) -> float | None:
                  and s["connections"] == 64 and s.get(key) is not None), None)
 
 
+def cpu_split(summary: list[dict]) -> dict[str, tuple[float, float]]:
+    """(user, kernel) CPU µs per request at small bodies and 64 connections, for Envoy, the
+    floor and stax, where measured: every proxy pays about the same kernel time, so what a
+    req/s ratio leaves for user time differs from machine to machine."""
+    return {s["target"]: (s["user_us_per_req"], s["kernel_us_per_req"]) for s in summary
+            if s["target"] in ("envoy", FLOOR, *STAX) and s["body"] == "small"
+            and s["connections"] == 64 and s.get("user_us_per_req") is not None
+            and s.get("kernel_us_per_req") is not None}
+
+
 def headroom(bound: float, floor: float, values: dict[str, float]) -> dict:
     """A req/s goal against the featureless floor: the share of the floor's req/s that the goal
     lets features cost (negative: even the floor misses it), and what each stax mode costs."""
@@ -32,7 +42,8 @@ def headroom(bound: float, floor: float, values: dict[str, float]) -> dict:
 
 def evaluate(summary: list[dict], scale: dict | None) -> list[dict]:
     """[{goal, values: {what: value}, bound, at_least, met[, headroom]}] for what this run
-    measured; a req/s goal gets its `headroom` when the python floor was measured too."""
+    measured; a req/s goal gets its `headroom` when the python floor was measured too, and
+    the Envoy goal its `cpu_split` (user, kernel µs per request) when Envoy's was."""
     goals = []
 
     def add(goal: str, values: dict, bound: float, at_least: bool, floor: float | None = None) -> None:
@@ -46,6 +57,10 @@ def evaluate(summary: list[dict], scale: dict | None) -> list[dict]:
     for ref, key, bound in (("Envoy", "rps_vs_envoy", 2.0), ("nginx", "rps_vs_nginx", 0.6)):
         add(f"req/s ÷ {ref}, small body, 64 connections", _cells(summary, "small", 64, key),
             bound, True, _floor(summary, key))
+    envoy_goal = next((g for g in goals if g["goal"].startswith("req/s ÷ Envoy")), None)
+    split = cpu_split(summary)
+    if envoy_goal is not None and "envoy" in split:
+        envoy_goal["cpu_split"] = split
     add("p99 ÷ nginx's, small body, 8 connections", _cells(summary, "small", 8, "p99_vs_nginx"),
         2.0, False)
     add("req/s ÷ nginx, 1 MiB bodies", _cells(summary, "1m", None, "rps_vs_nginx"), 0.7, True)
@@ -81,6 +96,12 @@ def table(goals: list[dict]) -> str:
             spent = ", ".join(f"{k} {v:.0%}" for k, v in h["spent"].items())
             out.append(f"           {FLOOR} (no features) {h['floor']:.2f}: the goal lets features cost "
                        f"{h['allowed']:.0%} of its req/s; they cost {spent}")
+        split = g.get("cpu_split")
+        if split:
+            user, kernel = split["envoy"]
+            out.append("           CPU µs per request, user + kernel: "
+                       + ", ".join(f"{k} {u:.1f} + {s:.1f}" for k, (u, s) in split.items())
+                       + f"; {g['bound']:g}x Envoy's req/s leaves {(user + kernel) / g['bound']:.1f} in all")
         d = g.get("equal_diversity")
         if d:
             out.append("           not gated, ÷ the 3-env graph with as many distinct baggage values: "

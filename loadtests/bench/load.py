@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..common import core_busy_seconds, cpu_seconds, rss_bytes
+from ..common import core_busy_seconds, cpu_times, rss_bytes
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 MARK = "BENCHJSON "
@@ -119,7 +119,7 @@ def run_load(spec: LoadSpec, *, connections: int, duration: int, pids: list[int]
         cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", f"--timeout={timeout_s}s",
                "--latency", "-s", str(script), spec.url()]
         tool = "wrk"
-    cpu0, busy0 = cpu_seconds(pids), core_busy_seconds(core)
+    (user0, kernel0), busy0 = cpu_times(pids), core_busy_seconds(core)
     rss_peak = rss_bytes(pids)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -127,7 +127,9 @@ def run_load(spec: LoadSpec, *, connections: int, duration: int, pids: list[int]
         time.sleep(0.2)
         rss_peak = max(rss_peak, rss_bytes(pids))
     out = proc.stdout.read()
-    cpu = cpu_seconds(pids) - cpu0
+    user1, kernel1 = cpu_times(pids)
+    user, kernel = user1 - user0, kernel1 - kernel0
+    cpu = user + kernel
     wall = time.monotonic() - t0
     foreign = max(0.0, core_busy_seconds(core) - busy0 - cpu) / wall if pids else None
     res = read_summary(out)
@@ -150,5 +152,9 @@ def run_load(spec: LoadSpec, *, connections: int, duration: int, pids: list[int]
         "cpu_util": cpu / wall if wall else 0.0,
         "foreign_cpu": foreign,
         "cpu_us_per_req": cpu / requests * 1e6 if requests and pids else None,
+        # the kernel's share (sockets, scheduling) is about the same for every proxy on one
+        # machine and differs most between machines: it is what makes ratios machine-bound
+        "user_us_per_req": user / requests * 1e6 if requests and pids else None,
+        "kernel_us_per_req": kernel / requests * 1e6 if requests and pids else None,
         "rss_peak_mb": rss_peak / 1e6 if pids else None,
     }

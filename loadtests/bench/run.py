@@ -145,7 +145,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     out = []
     for (target, body, conns), rs in cells.items():
         def med(key: str, rs=rs):
-            vals = [r[key] for r in rs if r[key] is not None]
+            vals = [r[key] for r in rs if r.get(key) is not None]  # older JSON lacks some
             return statistics.median(vals) if vals else None
         rss = [r["rss_peak_mb"] for r in rs if r["rss_peak_mb"] is not None]
         rps = [r["rps"] for r in rs if r["rps"]]
@@ -153,6 +153,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                     "rps": med("rps"), "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"),
                     "spread": max(rps) / min(rps) if rps else None,
                     "cpu_us_per_req": med("cpu_us_per_req"), "cpu_util": med("cpu_util"),
+                    "user_us_per_req": med("user_us_per_req"), "kernel_us_per_req": med("kernel_us_per_req"),
                     "rss_peak_mb": max(rss) if rss else None,
                     "foreign_cpu": max((r["foreign_cpu"] or 0 for r in rs), default=None),
                     "errors": sum(r["errors"] + r["non2xx"] for r in rs)})
@@ -183,11 +184,12 @@ def _fmt(v, spec: str) -> str:
 
 def table(summary: list[dict], comparable: bool) -> str:
     note = "" if comparable else " (not comparable: Python load generator)"
-    head = ["target", "body", "conns", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "CPU util",
+    head = ["target", "body", "conns", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "kernel µs", "CPU util",
             "RSS MB", "req/s÷nginx", "req/s÷envoy", "req/s÷envoy-lua", "CPU÷nginx", "CPU÷envoy",
             "errors", "noise", "spread"]
     lines = [[s["target"], s["body"], str(s["connections"]), _fmt(s["rps"], ",.0f"),
               _fmt(s["p50_ms"], ".2f"), _fmt(s["p99_ms"], ".2f"), _fmt(s["cpu_us_per_req"], ".1f"),
+              _fmt(s.get("kernel_us_per_req"), ".1f"),
               _fmt(s["cpu_util"], ".0%"), _fmt(s["rss_peak_mb"], ".0f"),
               _fmt(s["rps_vs_nginx"], ".2f"), _fmt(s["rps_vs_envoy"], ".2f"),
               _fmt(s["rps_vs_envoy-lua"], ".2f"), _fmt(s["cpu_vs_nginx"], ".1f"), _fmt(s["cpu_vs_envoy"], ".1f"), str(s["errors"]),
@@ -197,7 +199,8 @@ def table(summary: list[dict], comparable: bool) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
     out = [f"ratios: this proxy ÷ the reference at the same body and connections, median of the "
            f"per-round ratios{note}; noise: the largest share of the proxy's core that other "
-           "processes used in any round; spread: fastest ÷ slowest round of this target",
+           "processes used in any round; spread: fastest ÷ slowest round of this target; kernel µs: "
+           "the part of CPU µs/req spent in the kernel",
            "  ".join(h.rjust(w) for h, w in zip(head, widths, strict=True)),
            "  ".join("-" * w for w in widths)]
     prev = None

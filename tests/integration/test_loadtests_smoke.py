@@ -36,6 +36,9 @@ def test_bench_measures_both_stax_modes(tmp_path):
         assert row["rps"] > 0  # it measured traffic (speed itself is the bench's job, not a test's)
         assert 0 < row["p50_ms"] <= row["p99_ms"]
         assert row["cpu_us_per_req"] > 0 and row["rss_peak_mb"] > 10
+        # split into user and kernel time, both spent by any proxy (it reads and writes sockets)
+        assert row["user_us_per_req"] > 0 and row["kernel_us_per_req"] > 0
+        assert row["user_us_per_req"] + row["kernel_us_per_req"] == pytest.approx(row["cpu_us_per_req"])
     assert data["comparable"] == (shutil.which("wrk") is not None)
 
 

@@ -109,3 +109,25 @@ def test_the_10k_goal_stays_on_the_3_fixed_values_and_reports_equal_diversity_be
            "traffic over all envs 0.94" in text
     assert "not gated, ÷ the 3-env graph with as many distinct baggage values: " \
            "3-env graph, 10k contexts ÷ 3 values 0.96, traffic over all envs 0.98, after reloads 1.00" in text
+
+
+def test_the_envoy_goal_shows_where_each_proxy_spends_a_request():
+    """User and kernel CPU per request beside the Envoy verdict: the kernel's part is about the
+    same for every proxy on one machine, so it shows what 2x Envoy leaves for user time there."""
+    def measured(target: str, user: float, kernel: float, **ratios) -> dict:
+        return row(target, "small", 64, user_us_per_req=user, kernel_us_per_req=kernel, **ratios)
+
+    summary = [measured("envoy", 17.4, 11.8), measured("nginx", 2.2, 9.8),
+               measured("python-floor", 4.5, 10.3, rps_vs_envoy=1.84),
+               measured("stax-gateway", 6.4, 10.2, rps_vs_envoy=1.77),
+               measured("stax-sidecar", 6.3, 10.2, rps_vs_envoy=1.74)]
+    verdict = {g["goal"]: g for g in goals.evaluate(summary, None)}["req/s ÷ Envoy, small body, 64 connections"]
+    assert not verdict["met"]
+    assert verdict["cpu_split"] == {"envoy": (17.4, 11.8), "python-floor": (4.5, 10.3),
+                                    "stax-gateway": (6.4, 10.2), "stax-sidecar": (6.3, 10.2)}
+    assert "CPU µs per request, user + kernel: envoy 17.4 + 11.8, python-floor 4.5 + 10.3, " \
+           "stax-gateway 6.4 + 10.2, stax-sidecar 6.3 + 10.2; 2x Envoy's req/s leaves 14.6 in all" \
+        in goals.table([verdict])
+    # a run without Envoy's split (older JSON, or Envoy not measured) claims none
+    older = [{k: v for k, v in s.items() if not k.endswith("_us_per_req")} for s in summary]
+    assert "cpu_split" not in goals.evaluate(older, None)[0]
