@@ -43,36 +43,46 @@ def headroom(bound: float, floor: float, values: dict[str, float]) -> dict:
 def evaluate(summary: list[dict], scale: dict | None) -> list[dict]:
     """[{goal, values: {what: value}, bound, at_least, met[, headroom]}] for what this run
     measured; a req/s goal gets its `headroom` when the python floor was measured too, and
-    the Envoy goal its `cpu_split` (user, kernel µs per request) when Envoy's was."""
+    the Envoy goal its `cpu_split` (user, kernel µs per request) when Envoy's was. Where the
+    run kept each round's ratio, a goal gets `rounds` (lowest, highest per value) and
+    `straddling`: the values whose rounds fall on both sides of the bound."""
     goals = []
 
-    def add(goal: str, values: dict, bound: float, at_least: bool, floor: float | None = None) -> None:
+    def add(goal: str, values: dict, bound: float, at_least: bool, floor: float | None = None,
+            rounds: dict | None = None) -> None:
         if values:
             met = all((v >= bound) if at_least else (v <= bound) for v in values.values())
             goals.append({"goal": goal, "values": values, "bound": bound, "at_least": at_least,
                           "met": met})
             if floor:
                 goals[-1]["headroom"] = headroom(bound, floor, values)
+            spans = {k: (min(r), max(r)) for k, r in (rounds or {}).items() if k in values and r}
+            if spans:
+                goals[-1]["rounds"] = spans
+                goals[-1]["straddling"] = [k for k, (lo, hi) in spans.items() if lo < bound < hi]
 
     for ref, key, bound in (("Envoy", "rps_vs_envoy", 2.0), ("nginx", "rps_vs_nginx", 0.6)):
         add(f"req/s ÷ {ref}, small body, 64 connections", _cells(summary, "small", 64, key),
-            bound, True, _floor(summary, key))
+            bound, True, _floor(summary, key), _cells(summary, "small", 64, f"{key}_rounds"))
     envoy_goal = next((g for g in goals if g["goal"].startswith("req/s ÷ Envoy")), None)
     split = cpu_split(summary)
     if envoy_goal is not None and "envoy" in split:
         envoy_goal["cpu_split"] = split
     add("p99 ÷ nginx's, small body, 8 connections", _cells(summary, "small", 8, "p99_vs_nginx"),
-        2.0, False)
-    add("req/s ÷ nginx, 1 MiB bodies", _cells(summary, "1m", None, "rps_vs_nginx"), 0.7, True)
+        2.0, False, rounds=_cells(summary, "small", 8, "p99_vs_nginx_rounds"))
+    add("req/s ÷ nginx, 1 MiB bodies", _cells(summary, "1m", None, "rps_vs_nginx"), 0.7, True,
+        rounds=_cells(summary, "1m", None, "rps_vs_nginx_rounds"))
     add("peak RSS MB under load, 3-env bench graph",
         {t: max(s["rss_peak_mb"] for s in summary if s["target"] == t and s["rss_peak_mb"])
          for t in STAX if any(s["target"] == t and s["rss_peak_mb"] for s in summary)}, 64, False)
     if scale:
-        ratios = {"same 3-env traffic": scale["throughput_ratio_10k_vs_3_same_traffic"],
-                  "traffic over all envs": scale["throughput_ratio_10k_vs_3"]}
-        if "throughput_ratio_10k_after_reloads_vs_3" in scale:  # runs before 2026-12-03 lack it
-            ratios["traffic over all envs, after reloads"] = scale["throughput_ratio_10k_after_reloads_vs_3"]
-        add("req/s, 10,000-env graph ÷ 3-env graph", ratios, 0.95, True)
+        keys = {"same 3-env traffic": "throughput_ratio_10k_vs_3_same_traffic",
+                "traffic over all envs": "throughput_ratio_10k_vs_3",
+                # runs before 2026-12-03 lack it
+                "traffic over all envs, after reloads": "throughput_ratio_10k_after_reloads_vs_3"}
+        ratios = {what: scale[key] for what, key in keys.items() if key in scale}
+        add("req/s, 10,000-env graph ÷ 3-env graph", ratios, 0.95, True,
+            rounds={what: scale.get(f"{key}_rounds") for what, key in keys.items()})
         if "throughput_ratio_3_contexts_vs_3" in scale:  # since 2026-12-04
             # Not gated: the 3-env graph driven by as many distinct baggage values as the
             # rotation brings, so what diversity costs any graph shows apart from the graph's cost
@@ -81,16 +91,23 @@ def evaluate(summary: list[dict], scale: dict | None) -> list[dict]:
                 "traffic over all envs": scale["throughput_ratio_10k_vs_3_contexts"],
                 "after reloads": scale["throughput_ratio_10k_after_reloads_vs_3_contexts"]}
         add("p99 while the 10,000-env graph reloads ÷ steady",
-            {"stax-gateway": scale["p99_ratio_reloading_vs_steady"]}, 2.0, False)
+            {"stax-gateway": scale["p99_ratio_reloading_vs_steady"]}, 2.0, False,
+            rounds={"stax-gateway": scale.get("p99_ratio_reloading_vs_steady_rounds")})
     return goals
 
 
 def table(goals: list[dict]) -> str:
     out = ["goals (issue #5) in this run:"]
     for g in goals:
-        values = ", ".join(f"{k} {v:.2f}" for k, v in g["values"].items())
+        spans = g.get("rounds", {})
+        values = ", ".join(f"{k} {v:.2f}" + (" (rounds {:.2f}–{:.2f})".format(*spans[k]) if k in spans else "")
+                           for k, v in g["values"].items())
         bound = f"{'≥' if g['at_least'] else '≤'} {g['bound']:g}"
         out.append(f"  {'met    ' if g['met'] else 'NOT met'}  {g['goal']} {bound}: {values}")
+        if g.get("straddling"):
+            out.append(f"           its rounds fall on both sides of {g['bound']:g} "
+                       f"({', '.join(g['straddling'])}): the verdict is the median's, not settled; "
+                       "more --rounds or a quieter machine settle it")
         h = g.get("headroom")
         if h:
             spent = ", ".join(f"{k} {v:.0%}" for k, v in h["spent"].items())

@@ -162,20 +162,22 @@ def aggregate(rows: list[dict]) -> list[dict]:
         for ref in ("nginx", "envoy", "envoy-lua"):
             base = index.get((ref, s["body"], s["connections"]))
             ok = base is not None and s["target"] not in ("direct", ref)
-            s[f"rps_vs_{ref}"] = paired_ratio(cells, s, ref, "rps") if ok else None
-            s[f"cpu_vs_{ref}"] = paired_ratio(cells, s, ref, "cpu_us_per_req") if ok else None
+            pairs = [(f"rps_vs_{ref}", "rps"), (f"cpu_vs_{ref}", "cpu_us_per_req")]
             if ref == "nginx":  # the latency goal is stated against nginx only
-                s["p99_vs_nginx"] = paired_ratio(cells, s, ref, "p99_ms") if ok else None
+                pairs.append(("p99_vs_nginx", "p99_ms"))
+            for name, key in pairs:
+                ratios = paired_ratios(cells, s, ref, key) if ok else []
+                s[name] = statistics.median(ratios) if ratios else None
+                s[f"{name}_rounds"] = ratios  # each round's: how settled a verdict on the median is
     return out
 
 
-def paired_ratio(cells: dict, s: dict, ref: str, key: str) -> float | None:
-    """The median over rounds of target ÷ reference within the same round. Rounds are
+def paired_ratios(cells: dict, s: dict, ref: str, key: str) -> list[float]:
+    """Target ÷ reference within each round (the table shows their median). Rounds are
     interleaved, so a slow spell of a shared machine hits both sides of each pair alike."""
     by_round = {r["round"]: r[key] for r in cells.get((ref, s["body"], s["connections"]), [])}
-    ratios = [r[key] / by_round[r["round"]] for r in cells[(s["target"], s["body"], s["connections"])]
-              if r[key] and by_round.get(r["round"])]
-    return statistics.median(ratios) if ratios else None
+    return [r[key] / by_round[r["round"]] for r in cells[(s["target"], s["body"], s["connections"])]
+            if r[key] and by_round.get(r["round"])]
 
 
 def _fmt(v, spec: str) -> str:

@@ -103,11 +103,16 @@ def _median(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
+def _paired_rounds(results: dict[str, list[dict]], name: str, ref: str, key: str) -> list[float]:
+    """`name`'s `key` ÷ `ref`'s in each round, as the main table's ratios are taken: rounds are
+    interleaved, so a slow spell of the machine hits both sides of a pair (a ratio of medians
+    would pair rounds that ran minutes apart)."""
+    return [a[key] / b[key] for a, b in zip(results[name], results[ref], strict=True)]
+
+
 def _paired(results: dict[str, list[dict]], name: str, ref: str, key: str) -> float:
-    """The median over rounds of `name`'s `key` ÷ `ref`'s in the same round, as the main
-    table's ratios are taken: rounds are interleaved, so a slow spell of the machine hits both
-    sides of a pair (a ratio of medians would pair rounds that ran minutes apart)."""
-    return statistics.median(a[key] / b[key] for a, b in zip(results[name], results[ref], strict=True))
+    """The median over rounds of the paired ratios."""
+    return statistics.median(_paired_rounds(results, name, ref, key))
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -204,6 +209,11 @@ def run_scale(tmp: Path, upstream: int, *, rounds: int, duration: int, connectio
         **{f"{kind}_ratio_{suffix}": _paired(results, name, ref, key)
            for suffix, (name, ref) in RATIOS.items()
            for kind, key in (("throughput", "rps"), ("cpu", "cpu_us_per_req"))},
+        # each round's throughput ratio: how settled a verdict on the median is
+        **{f"throughput_ratio_{suffix}_rounds": _paired_rounds(results, name, ref, "rps")
+           for suffix, (name, ref) in RATIOS.items()},
         # the same gateway under rewrites and right after them: the reloads' own p99 cost
         "p99_ratio_reloading_vs_steady": _paired(results, "10k-env reloading", "10k-env after reloads", "p99_ms"),
+        "p99_ratio_reloading_vs_steady_rounds": _paired_rounds(results, "10k-env reloading",
+                                                               "10k-env after reloads", "p99_ms"),
     }

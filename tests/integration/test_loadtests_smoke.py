@@ -72,6 +72,9 @@ def test_bench_graph_scale_runs_every_traffic_shape(tmp_path):
     assert scale["throughput_ratio_10k_after_reloads_vs_3"] > 0
     assert scale["throughput_ratio_3_contexts_vs_3"] > 0 and scale["cpu_ratio_10k_vs_3_contexts"] > 0
     assert scale["throughput_ratio_10k_after_reloads_vs_3_contexts"] > 0
+    # each round's ratio is kept beside the median (one round here: the median is that round's)
+    assert scale["throughput_ratio_10k_vs_3_rounds"] == [scale["throughput_ratio_10k_vs_3"]]
+    assert scale["p99_ratio_reloading_vs_steady_rounds"] == [scale["p99_ratio_reloading_vs_steady"]]
     # every rewrite (one a second: a 1 s cell makes about one) reloaded the reloading gateway
     (reloads,) = scale["reloads"]
     assert reloads["applied"] == reloads["writes"], reloads

@@ -131,3 +131,29 @@ def test_the_envoy_goal_shows_where_each_proxy_spends_a_request():
     # a run without Envoy's split (older JSON, or Envoy not measured) claims none
     older = [{k: v for k, v in s.items() if not k.endswith("_us_per_req")} for s in summary]
     assert "cpu_split" not in goals.evaluate(older, None)[0]
+
+
+def test_a_verdict_whose_rounds_fall_on_both_sides_of_the_bound_says_it_is_not_settled():
+    """On a shared machine the median can land on either side of a bound its rounds straddle:
+    the verdict is still the median's, and the table says it is not settled."""
+    summary = [row("stax-gateway", "small", 64, rps_vs_envoy=2.3, rps_vs_envoy_rounds=[2.2, 2.3, 2.5]),
+               row("stax-sidecar", "small", 64, rps_vs_envoy=2.1, rps_vs_envoy_rounds=[1.9, 2.1, 2.4])]
+    scale = {"throughput_ratio_10k_vs_3_same_traffic": 0.99,
+             "throughput_ratio_10k_vs_3_same_traffic_rounds": [0.97, 0.99, 1.02],
+             "throughput_ratio_10k_vs_3": 0.94, "throughput_ratio_10k_vs_3_rounds": [0.92, 0.94, 0.96],
+             "p99_ratio_reloading_vs_steady": 1.4, "p99_ratio_reloading_vs_steady_rounds": [1.3, 1.4, 1.5]}
+    verdicts = {g["goal"]: g for g in goals.evaluate(summary, scale)}
+    envoy = verdicts["req/s ÷ Envoy, small body, 64 connections"]
+    assert envoy["met"] and envoy["straddling"] == ["stax-sidecar"]
+    assert envoy["rounds"] == {"stax-gateway": (2.2, 2.5), "stax-sidecar": (1.9, 2.4)}
+    big = verdicts["req/s, 10,000-env graph ÷ 3-env graph"]
+    assert not big["met"] and big["straddling"] == ["traffic over all envs"]
+    assert verdicts["p99 while the 10,000-env graph reloads ÷ steady"]["straddling"] == []
+    text = goals.table([envoy, big])
+    assert "met      req/s ÷ Envoy, small body, 64 connections ≥ 2: stax-gateway 2.30 (rounds 2.20–2.50), " \
+           "stax-sidecar 2.10 (rounds 1.90–2.40)" in text
+    assert "its rounds fall on both sides of 2 (stax-sidecar): the verdict is the median's, not settled" in text
+    assert "its rounds fall on both sides of 0.95 (traffic over all envs)" in text
+    # a result file without rounds (before 2026-12-05) is judged as before, with no such line
+    plain = goals.evaluate([row("stax-gateway", "small", 64, rps_vs_envoy=2.3)], None)
+    assert "rounds" not in plain[0] and "not settled" not in goals.table(plain)
