@@ -49,25 +49,27 @@ def evaluate(summary: list[dict], scale: dict | None) -> list[dict]:
     goals = []
 
     def add(goal: str, values: dict, bound: float, at_least: bool, floor: float | None = None,
-            rounds: dict | None = None) -> None:
-        if values:
-            met = all((v >= bound) if at_least else (v <= bound) for v in values.values())
-            goals.append({"goal": goal, "values": values, "bound": bound, "at_least": at_least,
-                          "met": met})
-            if floor:
-                goals[-1]["headroom"] = headroom(bound, floor, values)
-            spans = {k: (min(r), max(r)) for k, r in (rounds or {}).items() if k in values and r}
-            if spans:
-                goals[-1]["rounds"] = spans
-                goals[-1]["straddling"] = [k for k, (lo, hi) in spans.items() if lo < bound < hi]
+            rounds: dict | None = None) -> dict | None:
+        """The goal's verdict, appended to `goals`; None when none of its cells was measured."""
+        if not values:
+            return None
+        met = all((v >= bound) if at_least else (v <= bound) for v in values.values())
+        verdict = {"goal": goal, "values": values, "bound": bound, "at_least": at_least, "met": met}
+        goals.append(verdict)
+        if floor:
+            verdict["headroom"] = headroom(bound, floor, values)
+        spans = {k: (min(r), max(r)) for k, r in (rounds or {}).items() if k in values and r}
+        if spans:
+            verdict["rounds"] = spans
+            verdict["straddling"] = [k for k, (lo, hi) in spans.items() if lo < bound < hi]
+        return verdict
 
-    for ref, key, bound in (("Envoy", "rps_vs_envoy", 2.0), ("nginx", "rps_vs_nginx", 0.6)):
-        add(f"req/s ÷ {ref}, small body, 64 connections", _cells(summary, "small", 64, key),
-            bound, True, _floor(summary, key), _cells(summary, "small", 64, f"{key}_rounds"))
-    envoy_goal = next((g for g in goals if g["goal"].startswith("req/s ÷ Envoy")), None)
     split = cpu_split(summary)
-    if envoy_goal is not None and "envoy" in split:
-        envoy_goal["cpu_split"] = split
+    for ref, key, bound in (("Envoy", "rps_vs_envoy", 2.0), ("nginx", "rps_vs_nginx", 0.6)):
+        verdict = add(f"req/s ÷ {ref}, small body, 64 connections", _cells(summary, "small", 64, key),
+                      bound, True, _floor(summary, key), _cells(summary, "small", 64, f"{key}_rounds"))
+        if verdict is not None and ref == "Envoy" and "envoy" in split:
+            verdict["cpu_split"] = split
     add("p99 ÷ nginx's, small body, 8 connections", _cells(summary, "small", 8, "p99_vs_nginx"),
         2.0, False, rounds=_cells(summary, "small", 8, "p99_vs_nginx_rounds"))
     add("req/s ÷ nginx, 1 MiB bodies", _cells(summary, "1m", None, "rps_vs_nginx"), 0.7, True,
@@ -81,12 +83,12 @@ def evaluate(summary: list[dict], scale: dict | None) -> list[dict]:
                 # runs before 2026-12-03 lack it
                 "traffic over all envs, after reloads": "throughput_ratio_10k_after_reloads_vs_3"}
         ratios = {what: scale[key] for what, key in keys.items() if key in scale}
-        add("req/s, 10,000-env graph ÷ 3-env graph", ratios, 0.95, True,
-            rounds={what: scale.get(f"{key}_rounds") for what, key in keys.items()})
-        if "throughput_ratio_3_contexts_vs_3" in scale:  # since 2026-12-04
+        verdict = add("req/s, 10,000-env graph ÷ 3-env graph", ratios, 0.95, True,
+                      rounds={what: scale.get(f"{key}_rounds") for what, key in keys.items()})
+        if verdict is not None and "throughput_ratio_3_contexts_vs_3" in scale:  # since 2026-12-04
             # Not gated: the 3-env graph driven by as many distinct baggage values as the
             # rotation brings, so what diversity costs any graph shows apart from the graph's cost
-            goals[-1]["equal_diversity"] = {
+            verdict["equal_diversity"] = {
                 "3-env graph, 10k contexts ÷ 3 values": scale["throughput_ratio_3_contexts_vs_3"],
                 "traffic over all envs": scale["throughput_ratio_10k_vs_3_contexts"],
                 "after reloads": scale["throughput_ratio_10k_after_reloads_vs_3_contexts"]}

@@ -191,7 +191,7 @@ def table(summary: list[dict], comparable: bool) -> str:
             "errors", "noise", "spread"]
     lines = [[s["target"], s["body"], str(s["connections"]), _fmt(s["rps"], ",.0f"),
               _fmt(s["p50_ms"], ".2f"), _fmt(s["p99_ms"], ".2f"), _fmt(s["cpu_us_per_req"], ".1f"),
-              _fmt(s.get("kernel_us_per_req"), ".1f"),
+              _fmt(s["kernel_us_per_req"], ".1f"),
               _fmt(s["cpu_util"], ".0%"), _fmt(s["rss_peak_mb"], ".0f"),
               _fmt(s["rps_vs_nginx"], ".2f"), _fmt(s["rps_vs_envoy"], ".2f"),
               _fmt(s["rps_vs_envoy-lua"], ".2f"), _fmt(s["cpu_vs_nginx"], ".1f"), _fmt(s["cpu_vs_envoy"], ".1f"), str(s["errors"]),
