@@ -113,8 +113,13 @@ def table(goals: list[dict]) -> str:
         h = g.get("headroom")
         if h:
             spent = ", ".join(f"{k} {v:.0%}" for k, v in h["spent"].items())
-            out.append(f"           {FLOOR} (no features) {h['floor']:.2f}: the goal lets features cost "
-                       f"{h['allowed']:.0%} of its req/s; they cost {spent}")
+            if h["allowed"] >= 0:
+                out.append(f"           {FLOOR} (no features) {h['floor']:.2f}: the goal lets features cost "
+                           f"{h['allowed']:.0%} of its req/s; they cost {spent}")
+            else:  # a bound past the floor is the machine's, not something features could meet
+                out.append(f"           {FLOOR} (no features) {h['floor']:.2f} misses it too (it would need "
+                           f"{-h['allowed']:.0%} more req/s): on this machine the bound is past what "
+                           f"Python itself costs; stax's features cost {spent} of the floor's req/s")
         split = g.get("cpu_split")
         if split:
             user, kernel = split["envoy"]
